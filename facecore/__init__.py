@@ -1,0 +1,69 @@
+"""facecore: plugin-based face-recognition training.
+
+The public API (stable for plugins and notebooks): ``hookimpl``, ``available``,
+``create``, ``load_config``, ``Predictor`` and the error classes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .errors import CheckpointError, ConfigError, DataError, FacecoreError, PluginError, TrainingError
+from .hookspecs import hookimpl
+
+__version__ = "0.1.0"
+
+
+def available(group: str) -> list[str]:
+    """Names registered in a group: ``backbones``, ``heads``, ``datasets``, ``schedulers``, ``metrics``."""
+    from .plugins import registry
+
+    return registry(group).names()
+
+
+def create(group: str, name: str, **options: Any) -> Any:
+    """Build a registered component after validating ``options`` against its schema."""
+    from .plugins import registry
+    from .registry import CONTEXT_ARGS, SINGULAR
+    from .validation import schema_errors
+
+    reg = registry(group).get(name)
+    context = {k: options.pop(k) for k in CONTEXT_ARGS[group] if k in options}
+    schema = dict(reg.schema or {"type": "object", "additionalProperties": False})
+    schema["properties"] = {k: v for k, v in reg.options.items() if k not in context}
+    schema["required"] = [k for k in schema.get("required", []) if k not in context]
+    errors = schema_errors(schema, options, prefix=name)
+    if errors:
+        raise ConfigError(errors, f"the options of {SINGULAR[group]} '{name}'")
+    return reg.factory(**context, **options)
+
+
+def load_config(path: str, overrides: tuple[str, ...] | list[str] = ()) -> dict:
+    """Read, override, default-fill and validate a YAML config (raises ConfigError)."""
+    from .config import load_config as _load
+
+    return _load(path, overrides)
+
+
+def __getattr__(name: str) -> Any:  # torch-heavy parts load on first use
+    if name == "Predictor":
+        from .predictor import Predictor
+
+        return Predictor
+    raise AttributeError(f"module 'facecore' has no attribute {name!r}")
+
+
+__all__ = [
+    "CheckpointError",
+    "ConfigError",
+    "DataError",
+    "FacecoreError",
+    "PluginError",
+    "Predictor",
+    "TrainingError",
+    "__version__",
+    "available",
+    "create",
+    "hookimpl",
+    "load_config",
+]
