@@ -6,6 +6,8 @@ means a bug in facecore, not a user error.
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import json
 
 import click
@@ -16,7 +18,32 @@ from .commands import set_option, user_errors
 GROUP_CHOICES = ["backbones", "heads", "datasets", "schedulers", "metrics"]
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+# Commands that live in their own modules, loaded only when used (keeps --help free of torch).
+LAZY_COMMANDS: dict[str, str] = {
+    "train": "facecore.commands.train:train",
+    "eval": "facecore.commands.eval:eval_command",
+    "predict": "facecore.commands.predict:predict",
+    "export": "facecore.commands.export:export",
+    "pack": "facecore.commands.pack:pack",
+    "demo-data": "facecore.commands.demo_data:demo_data",
+}
+
+
+class LazyGroup(click.Group):
+    """A click group whose bigger commands are imported on first use."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        present = {n for n, t in LAZY_COMMANDS.items() if importlib.util.find_spec(t.split(":")[0])}
+        return sorted(set(super().list_commands(ctx)) | present)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name in self.list_commands(ctx) and name in LAZY_COMMANDS:
+            module, attr = LAZY_COMMANDS[name].split(":")
+            return getattr(importlib.import_module(module), attr)
+        return super().get_command(ctx, name)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="facecore")
 def main() -> None:
     """facecore: train and evaluate face-recognition models built from plugins."""

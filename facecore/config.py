@@ -36,7 +36,7 @@ NAME_SLOTS: tuple[tuple[str, str, str], ...] = (("eval", "dataset", "datasets"),
 
 def core_schema() -> dict:
     """The core keys' schema as shipped in schemas/config.schema.json."""
-    text = resources.files("facecore.schemas").joinpath("config.schema.json").read_text()
+    text = resources.files("facecore_schemas").joinpath("config.schema.json").read_text()
     return json.loads(text)
 
 

@@ -1,0 +1,1 @@
+"""Package data: the JSON Schema of the config file (installed as ``facecore_schemas``)."""
