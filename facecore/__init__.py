@@ -22,7 +22,12 @@ def available(group: str) -> list[str]:
 
 
 def create(group: str, name: str, **options: Any) -> Any:
-    """Build a registered component after validating ``options`` against its schema."""
+    """Build a registered component after validating ``options`` against its schema.
+
+    The group's context arguments (``embedding_size`` for backbones, ``train`` for datasets,
+    ``optimizer, steps_per_epoch, epochs, warmup_epochs`` for schedulers) are passed through
+    unvalidated. Unknown group or name: PluginError; bad options: ConfigError listing all.
+    """
     from .plugins import registry
     from .registry import CONTEXT_ARGS, SINGULAR
     from .validation import schema_errors
@@ -30,12 +35,32 @@ def create(group: str, name: str, **options: Any) -> Any:
     reg = registry(group).get(name)
     context = {k: options.pop(k) for k in CONTEXT_ARGS[group] if k in options}
     schema = dict(reg.schema or {"type": "object", "additionalProperties": False})
-    schema["properties"] = {k: v for k, v in reg.options.items() if k not in context}
-    schema["required"] = [k for k in schema.get("required", []) if k not in context]
+    schema["properties"] = {k: v for k, v in reg.options.items() if k not in CONTEXT_ARGS[group]}
+    schema["required"] = [k for k in schema.get("required", []) if k not in CONTEXT_ARGS[group]]
     errors = schema_errors(schema, options, prefix=name)
     if errors:
         raise ConfigError(errors, f"the options of {SINGULAR[group]} '{name}'")
+    _check_context(group, name, reg.factory, context)
     return reg.factory(**context, **options)
+
+
+def _check_context(group: str, name: str, factory: Any, context: dict) -> None:
+    """A clear TypeError when a caller forgets a context argument the factory needs."""
+    import inspect
+
+    from .registry import CONTEXT_ARGS
+
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        return
+    missing = [
+        k for k in CONTEXT_ARGS[group]
+        if k not in context and k in params and params[k].default is inspect.Parameter.empty
+    ]
+    if missing:
+        args = ", ".join(f"{k}=..." for k in missing)
+        raise TypeError(f"create({group!r}, {name!r}) needs {args}: the core passes it to every one of the {group}")
 
 
 def load_config(path: str, overrides: tuple[str, ...] | list[str] = ()) -> dict:

@@ -14,8 +14,9 @@ import click
 
 from . import __version__
 from .commands import set_option, user_errors
+from .registry import GROUPS
 
-GROUP_CHOICES = ["backbones", "heads", "datasets", "schedulers", "metrics"]
+GROUP_CHOICES = list(GROUPS)
 
 
 # Commands that live in their own modules, loaded only when used (keeps --help free of torch).
@@ -30,17 +31,44 @@ LAZY_COMMANDS: dict[str, str] = {
 
 
 class LazyGroup(click.Group):
-    """A click group whose bigger commands are imported on first use."""
+    """A click group whose bigger commands are imported on first use.
+
+    A command whose module is absent is not listed; one whose import fails is listed as
+    unavailable (so ``--help`` still works) and says why when run.
+    """
 
     def list_commands(self, ctx: click.Context) -> list[str]:
-        present = {n for n, t in LAZY_COMMANDS.items() if importlib.util.find_spec(t.split(":")[0])}
+        present = {n for n, t in LAZY_COMMANDS.items() if _module_exists(t.split(":")[0])}
         return sorted(set(super().list_commands(ctx)) | present)
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
-        if name in self.list_commands(ctx) and name in LAZY_COMMANDS:
+        if name in LAZY_COMMANDS and _module_exists(LAZY_COMMANDS[name].split(":")[0]):
             module, attr = LAZY_COMMANDS[name].split(":")
-            return getattr(importlib.import_module(module), attr)
+            try:
+                return getattr(importlib.import_module(module), attr)
+            except Exception as exc:  # a broken command must not take the whole CLI down
+                return _unavailable(name, f"{type(exc).__name__}: {exc}")
         return super().get_command(ctx, name)
+
+
+def _module_exists(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _unavailable(name: str, reason: str) -> click.Command:
+    def run(**_: object) -> None:
+        raise click.ClickException(f"the '{name}' command is unavailable: {reason}")
+
+    return click.Command(
+        name,
+        callback=run,
+        help=f"(unavailable: {reason})",
+        short_help="(unavailable: failed to load)",
+        context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+    )
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -51,11 +79,23 @@ def main() -> None:
 
 @main.command("list-plugins")
 @click.option("--group", type=click.Choice(GROUP_CHOICES), help="Only this component group.")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (sorted, stable) instead of a table.")
 @user_errors
 def list_plugins(group: str | None, as_json: bool) -> None:
-    """Show installed components: group, name, provider, version, description; and broken plugins."""
-    from .plugins import broken_plugins, registry
+    """Show installed components and broken plugins.
+
+    One row per component: group, name, providing distribution and version, description.
+    Plugins that failed to import or register are listed after the table with the reason;
+    the others keep working.
+
+    \b
+    FACECORE_LOAD_PLUGINS chooses which third-party plugins load:
+      unset                    all installed plugins load
+      FACECORE_LOAD_PLUGINS=a,b  only distributions a and b
+      FACECORE_LOAD_PLUGINS=   none (a way out when a plugin breaks startup)
+    The bundled plugins (distribution facecore) always load.
+    """
+    from .plugins import broken_plugins, load_warnings, loaded_plugins, registry
 
     groups = [group] if group else GROUP_CHOICES
     rows = []
@@ -73,20 +113,28 @@ def list_plugins(group: str | None, as_json: bool) -> None:
                     "options": sorted(reg.options),
                 }
             )
-    broken = [b.__dict__ for b in broken_plugins()]
+    rows.sort(key=lambda r: (r["group"], r["name"]))
+    broken = sorted(
+        (dict(b.__dict__) for b in broken_plugins()),
+        key=lambda b: (b["distribution"], b["plugin"], b["error"]),
+    )
+    warnings = load_warnings()
     if as_json:
-        click.echo(json.dumps({"components": rows, "broken": broken}, indent=2))
+        payload = {"components": rows, "broken": broken, "plugins": loaded_plugins(), "warnings": warnings}
+        click.echo(json.dumps(payload, indent=2, sort_keys=True))
         return
     headers = ["group", "name", "distribution", "version", "description"]
-    table = [[r[h] for h in headers] for r in rows]
-    widths = [max([len(h)] + [len(str(t[i])) for t in table]) for i, h in enumerate(headers)]
+    table = [[str(r[h]) for h in headers] for r in rows]
+    widths = [max([len(h)] + [len(t[i]) for t in table]) for i, h in enumerate(headers)]
     click.echo("  ".join(h.upper().ljust(w) for h, w in zip(headers, widths)).rstrip())
     for t in table:
-        click.echo("  ".join(str(v).ljust(w) for v, w in zip(t, widths)).rstrip())
+        click.echo("  ".join(v.ljust(w) for v, w in zip(t, widths)).rstrip())
     if broken:
         click.echo("\nBroken plugins (set FACECORE_LOAD_PLUGINS to choose which third-party plugins load):")
         for b in broken:
-            click.echo(f"  {b['plugin']} ({b['distribution']} {b['version']}): {b['error']}")
+            click.echo(f"  {b['plugin']} ({b['distribution']} {b['version']}".rstrip() + f"): {b['error']}")
+    for w in warnings:
+        click.echo(f"Warning: {w}", err=True)
 
 
 @main.command()
@@ -95,14 +143,20 @@ def list_plugins(group: str | None, as_json: bool) -> None:
 @click.option("--print", "print_config", is_flag=True, help="Print the effective config (defaults filled).")
 @user_errors
 def validate(config_path: str, overrides: tuple[str, ...], print_config: bool) -> None:
-    """Check a config (and overrides) against the core schema and the selected plugins' options."""
+    """Check a config (and overrides) against the core schema and the selected plugins' options.
+
+    Prints OK and exits 0, or lists every problem (dotted key path, value, expectation)
+    and exits 2. With --print, prints the effective config: overrides applied, defaults
+    filled, keys in schema order.
+    """
     from .config import dump_config, load_config
 
     config = load_config(config_path, overrides)
     if print_config:
         click.echo(dump_config(config), nl=False)
     else:
-        click.echo(f"OK: {config_path} is valid")
+        suffix = f" (with {len(overrides)} --set override(s))" if overrides else ""
+        click.echo(f"OK: {config_path} is valid{suffix}")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -8,7 +8,9 @@ core keys and plugin options alike, each with its dotted path.
 from __future__ import annotations
 
 import copy
+import functools
 import json
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Any, Iterable
@@ -16,7 +18,7 @@ from typing import Any, Iterable
 import yaml
 
 from .errors import ConfigError, PluginError
-from .registry import CONTEXT_ARGS, Registration
+from .registry import CONTEXT_ARGS, SINGULAR, Registration
 from .validation import dotted, fill_defaults, schema_errors
 
 # Sections whose keys are core keys plus the options of the plugin that a key names.
@@ -30,27 +32,71 @@ SPEC_SLOTS: tuple[tuple[str, str, str, bool], ...] = (
     ("training", "scheduler", "schedulers", False),
     ("eval", "metrics", "metrics", True),
 )
-# Values that only name a plugin.
-NAME_SLOTS: tuple[tuple[str, str, str], ...] = (("eval", "dataset", "datasets"),)
+# eval.dataset only names a plugin: the pair-set reader (checked by _check_pair_reader).
+
+
+class ConfigLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, plus ``1e-3`` read as a float (YAML 1.2) and duplicate keys rejected.
+
+    YAML 1.1 reads ``5e-4`` as the string "5e-4", a classic trap in learning-rate configs.
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                duplicate = key in seen
+            except TypeError:  # an unhashable key: SafeLoader reports it
+                continue
+            if duplicate:
+                raise yaml.constructor.ConstructorError(
+                    "while reading a mapping", node.start_mark, f"found the key {key!r} twice", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def yaml_load(text: str) -> Any:
+    """Parse YAML text with :class:`ConfigLoader` (safe: plain data only)."""
+    return yaml.load(text, Loader=ConfigLoader)  # noqa: S506 - ConfigLoader is a SafeLoader
+
+
+@functools.lru_cache(maxsize=1)
+def _core_schema_text() -> str:
+    return resources.files("facecore_schemas").joinpath("config.schema.json").read_text()
 
 
 def core_schema() -> dict:
-    """The core keys' schema as shipped in schemas/config.schema.json."""
-    text = resources.files("facecore_schemas").joinpath("config.schema.json").read_text()
-    return json.loads(text)
+    """The core keys' schema as shipped in schemas/config.schema.json (a fresh copy each call)."""
+    return json.loads(_core_schema_text())
 
 
 def read_yaml(path: str | Path) -> dict:
     """Read a YAML mapping, with one clear error for a missing, unreadable or malformed file."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError([f"{path} is a folder; --config takes a YAML file (e.g. configs/resnet50.yaml)"], str(path))
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError([f"config file not found: {path} (check the --config path)"], str(path)) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"{path} is not a UTF-8 text file (byte {exc.start}); is it really the YAML config?"],
+                          str(path)) from None
     except OSError as exc:
-        raise ConfigError([f"cannot read config file {path}: {exc.strerror}"], str(path)) from None
+        raise ConfigError([f"cannot read config file {path}: {exc.strerror or exc}"], str(path)) from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -59,12 +105,20 @@ def read_yaml(path: str | Path) -> dict:
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError([f"(top level): the config must be a mapping of keys, got {type(data).__name__}"], str(path))
+        kind = "a list" if isinstance(data, list) else f"a single value ({data!r})"
+        raise ConfigError(
+            [f"(top level): the config must be a mapping of sections (model:, head:, data:, ...), got {kind}"],
+            str(path),
+        )
     return data
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
-    """``'training.lr=0.05'`` -> (['training', 'lr'], 0.05); values are YAML scalars."""
+    """``'training.lr=0.05'`` -> (['training', 'lr'], 0.05); the value is read as a YAML scalar.
+
+    Only the first ``=`` splits, so values may contain ``=``; an empty value is null; text
+    that is not valid YAML (``[1,2``) is kept as a string for the schema to judge.
+    """
     if "=" not in text:
         raise ConfigError([f"override '{text}' must look like key.path=value, e.g. training.lr=0.05"])
     key, _, raw = text.partition("=")
@@ -72,18 +126,25 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not all(keys):
         raise ConfigError([f"override '{text}': the key path '{key}' has an empty part"])
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = yaml_load(raw) if raw.strip() else None
     except yaml.YAMLError:
         value = raw  # not valid YAML: take it as a plain string and let the schema judge it
     return keys, value
 
 
 def apply_overrides(config: dict, overrides: Iterable[str]) -> dict:
-    """Set each ``key.path=value`` in a copy of ``config``, creating sections as needed."""
+    """Set each ``key.path=value`` in a copy of ``config``, creating sections as needed.
+
+    Raises ConfigError listing every malformed override at once.
+    """
     config = copy.deepcopy(config)
     errors = []
     for text in overrides:
-        keys, value = parse_override(text)
+        try:
+            keys, value = parse_override(text)
+        except ConfigError as exc:
+            errors.extend(exc.errors)
+            continue
         node = config
         for i, key in enumerate(keys[:-1]):
             child = node.get(key)
@@ -96,7 +157,7 @@ def apply_overrides(config: dict, overrides: Iterable[str]) -> dict:
         else:
             node[keys[-1]] = value
     if errors:
-        raise ConfigError(errors)
+        raise ConfigError(errors, "the --set overrides")
     return config
 
 
@@ -117,12 +178,24 @@ def _plugin_properties(reg: Registration) -> tuple[dict, list[str]]:
     return props, required
 
 
+# Whole-object constraints of a plugin schema that still apply once its properties are merged.
+_OBJECT_KEYWORDS = ("allOf", "anyOf", "oneOf", "not", "if", "then", "else", "dependentRequired",
+                    "dependentSchemas", "minProperties", "maxProperties")
+
+
+def _object_constraints(reg: Registration) -> dict:
+    return {k: v for k, v in (reg.schema or {}).items() if k in _OBJECT_KEYWORDS}
+
+
 def _extend_section(section_schema: dict, reg: Registration) -> None:
     props, required = _plugin_properties(reg)
     own = section_schema.setdefault("properties", {})
     for key, sub in props.items():
-        if key in own:  # a core key the plugin also takes: both schemas apply
+        if key in own and isinstance(sub, dict):  # a core key the plugin also takes: both schemas apply
             merged = {"allOf": [own[key], sub]}
+            about = sub.get("description") or own[key].get("description")
+            if about:
+                merged["description"] = about
             default = sub.get("default", own[key].get("default"))
             if default is not None or "default" in sub:
                 merged["default"] = default
@@ -130,6 +203,9 @@ def _extend_section(section_schema: dict, reg: Registration) -> None:
         else:
             own[key] = sub
     section_schema["required"] = sorted(set(section_schema.get("required", [])) | set(required))
+    extra = _object_constraints(reg)
+    if extra:
+        section_schema.setdefault("allOf", []).append(extra)
 
 
 def _spec_schema(reg: Registration) -> dict:
@@ -139,26 +215,26 @@ def _spec_schema(reg: Registration) -> dict:
         "properties": {"name": {"type": "string"}, **props},
         "required": ["name", *required],
         "additionalProperties": False,
+        **_object_constraints(reg),
     }
 
 
-def compose_schema(config: dict) -> tuple[dict, list[str]]:
-    """The core schema extended with the options of every plugin ``config`` selects.
-
-    Returns the schema and the errors about plugin names (unknown, conflicting).
-    """
-    schema = core_schema()
-    errors: list[str] = []
-    props = schema["properties"]
+def _compose_sections(config: dict, props: dict, errors: list[str]) -> None:
     for section, key, group in SECTION_SLOTS:
         node = config.get(section)
-        if not isinstance(node, dict) or not isinstance(node.get(key), str):
+        if not isinstance(node, dict):
+            continue
+        if not isinstance(node.get(key), str):  # reported by the schema; other keys cannot be judged
+            props[section]["additionalProperties"] = True
             continue
         reg = _lookup(group, node[key], f"{section}.{key}", errors)
         if reg is None:
             props[section]["additionalProperties"] = True  # no cascade of unknown-key errors
         else:
             _extend_section(props[section], reg)
+
+
+def _compose_specs(config: dict, props: dict, errors: list[str]) -> None:
     for section, key, group, many in SPEC_SLOTS:
         node = config.get(section)
         if not isinstance(node, dict) or key not in node:
@@ -178,37 +254,121 @@ def compose_schema(config: dict) -> tuple[dict, list[str]]:
             else:
                 _, required = _plugin_properties(reg)
                 if required:
-                    errors.append(f"{path}: {group[:-1]} '{name}' needs the options {', '.join(required)}; "
+                    errors.append(f"{path}: {SINGULAR[group]} '{name}' needs the options {', '.join(required)}; "
                                   f"write it as {{name: {name}, {required[0]}: ...}}")
                 item_schemas.append({"type": "string"})
         target = props[section]["properties"]
-        if many:
+        if many:  # prefixItems replaces items for the first len(values) entries: keep the generic check
+            generic = target[key].get("items", {})
+            item_schemas = [s or generic for s in item_schemas]
             target[key] = {**target[key], "prefixItems": item_schemas}
-        else:
-            target[key] = {**item_schemas[0], "default": target[key].get("default")} if item_schemas[0] else target[key]
-    for section, key, group in NAME_SLOTS:
-        node = config.get(section)
-        if isinstance(node, dict) and isinstance(node.get(key), str):
-            _lookup(group, node[key], f"{section}.{key}", errors)
+        elif item_schemas[0]:
+            target[key] = {**item_schemas[0], "default": target[key].get("default")}
+
+
+def _check_pair_reader(config: dict, errors: list[str]) -> None:
+    """``eval.dataset`` must name a dataset that reads pair files (one with a ``path`` option)."""
+    from .plugins import registry
+
+    node = config.get("eval")
+    if not isinstance(node, dict) or not isinstance(node.get("dataset"), str):
+        return
+    reg = _lookup("datasets", node["dataset"], "eval.dataset", errors)
+    if reg is not None and "path" not in reg.options:
+        readers = [n for n in registry("datasets").names() if "path" in registry("datasets").entries[n].options]
+        errors.append(
+            f"eval.dataset: dataset '{reg.name}' does not read pair sets (it has no 'path' option); "
+            f"pair-set readers: {', '.join(readers) or 'none installed'}"
+        )
+
+
+def compose_schema(config: dict) -> tuple[dict, list[str]]:
+    """The core schema extended with the options of every plugin ``config`` selects.
+
+    Returns the schema and the errors about plugin names (unknown, conflicting).
+    """
+    schema = core_schema()
+    errors: list[str] = []
+    props = schema["properties"]
+    _compose_sections(config, props, errors)
+    _compose_specs(config, props, errors)
+    _check_pair_reader(config, errors)
     return schema, errors
 
 
-def validate_config(config: dict, source: str | None = None) -> dict:
-    """Fill defaults and validate; raise ConfigError listing every problem, or return the effective config."""
+def _empty_sections(config: dict, schema: dict) -> None:
+    """``head:`` with every key commented out is YAML null: read it as an empty section."""
+    for key, sub in schema.get("properties", {}).items():
+        if config.get(key, 0) is None and isinstance(sub, dict) and sub.get("type") == "object":
+            config[key] = {}
+
+
+def _schema_order(value: Any, schema: Any) -> Any:
+    """``value`` with mapping keys in the schema's order (unknown keys last), recursively."""
+    if not isinstance(value, dict) or not isinstance(schema, dict):
+        return value
+    props = dict(schema.get("properties", {}))
+    for sub in schema.get("allOf", []):
+        if isinstance(sub, dict):
+            props.update({k: v for k, v in sub.get("properties", {}).items() if k not in props})
+    keys = [k for k in props if k in value] + [k for k in value if k not in props]
+    return {k: _schema_order(value[k], props.get(k)) for k in keys}
+
+
+def _override_paths(overrides: Iterable[str]) -> list[tuple[str, str]]:
+    out = []
+    for text in overrides:
+        key = text.partition("=")[0]
+        out.append((".".join(k.strip() for k in key.strip().split(".")), text))
+    return out
+
+
+def _within(path: str, ancestor: str) -> bool:
+    return path == ancestor or path.startswith(ancestor + ".") or path.startswith(ancestor + "[")
+
+
+def _mark_overrides(errors: list[str], overrides: Iterable[str]) -> list[str]:
+    """Append ``(from --set k=v)`` to the errors about keys an override set (or the unknown key it added)."""
+    paths = _override_paths(overrides)
+    marked = []
+    for line in errors:
+        where, _, message = line.partition(": ")
+        for path, text in paths:
+            if path and (_within(where, path) or (_within(path, where) and message.startswith("unknown key"))):
+                line = f"{line} (from --set {text})"
+                break
+        marked.append(line)
+    return marked
+
+
+def validate_config(config: dict, source: str | None = None, overrides: Iterable[str] = ()) -> dict:
+    """Fill defaults and validate; raise ConfigError listing every problem, or return the effective config.
+
+    ``overrides`` (the ``--set`` texts already applied to ``config``) only label the errors
+    they caused.
+    """
+    if not isinstance(config, dict):
+        raise ConfigError([f"(top level): the config must be a mapping of sections, got {type(config).__name__}"],
+                          source)
     config = copy.deepcopy(config)
-    fill_defaults(core_schema(), config)  # core defaults first: they may name plugins (data.type, ...)
+    core = core_schema()
+    _empty_sections(config, core)
+    fill_defaults(core, config)  # core defaults first: they may name plugins (data.type, ...)
     schema, errors = compose_schema(config)
     fill_defaults(schema, config)
     errors = errors + schema_errors(schema, config)
     if errors:
-        raise ConfigError(sorted(set(errors), key=errors.index), source)
-    return config
+        errors = sorted(set(errors), key=lambda e: (e.partition(": ")[0], errors.index(e)))  # by key path
+        raise ConfigError(_mark_overrides(errors, overrides), source)
+    return _schema_order(config, schema)
 
 
 def load_config(path: str | Path, overrides: Iterable[str] = ()) -> dict:
     """Read a YAML config, apply ``key=value`` overrides, fill defaults and validate it."""
+    overrides = list(overrides)
     raw = read_yaml(path)
-    return validate_config(apply_overrides(raw, overrides), str(path))
+    source = str(path) if not overrides else f"{path} with {len(overrides)} --set override(s)"
+    return validate_config(apply_overrides(raw, overrides), source, overrides)
 
 
 def spec_name_options(spec: str | dict) -> tuple[str, dict]:
@@ -225,9 +385,21 @@ def section_options(section: dict, reg: Registration) -> dict:
     return {k: v for k, v in section.items() if k in declared and k not in CONTEXT_ARGS[reg.group]}
 
 
+class _ConfigDumper(yaml.SafeDumper):
+    """Block-style mappings; lists of plain values on one line (``milestones: [8, 14]``)."""
+
+
+def _represent_list(dumper: yaml.SafeDumper, data: list) -> yaml.Node:
+    flat = all(not isinstance(v, (dict, list)) for v in data)
+    return dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flat)
+
+
+_ConfigDumper.add_representer(list, _represent_list)
+
+
 def dump_config(config: dict) -> str:
-    """YAML text of a config, keys in schema order."""
-    return yaml.safe_dump(config, sort_keys=False, default_flow_style=None)
+    """YAML text of a config, keys in their dict order (``validate_config`` returns schema order)."""
+    return yaml.dump(config, Dumper=_ConfigDumper, sort_keys=False, default_flow_style=False, allow_unicode=True)
 
 
 __all__ = [
@@ -242,4 +414,5 @@ __all__ = [
     "section_options",
     "spec_name_options",
     "validate_config",
+    "yaml_load",
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -16,6 +17,16 @@ CONTEXT_ARGS: dict[str, tuple[str, ...]] = {
     "backbones": ("embedding_size",),
     "heads": (),
     "datasets": ("train",),
+    "schedulers": ("optimizer", "steps_per_epoch", "epochs", "warmup_epochs"),
+    "metrics": (),
+}
+
+# Context arguments every factory of the group must accept (training datasets get
+# ``train``, pair-set readers do not, so it is optional for datasets).
+REQUIRED_CONTEXT_ARGS: dict[str, tuple[str, ...]] = {
+    "backbones": ("embedding_size",),
+    "heads": (),
+    "datasets": (),
     "schedulers": ("optimizer", "steps_per_epoch", "epochs", "warmup_epochs"),
     "metrics": (),
 }
@@ -70,26 +81,33 @@ class BrokenPlugin:
 
 @dataclass
 class Registry:
-    """The components of one group, by name."""
+    """The components of one group, by name; ``conflicts`` holds names claimed more than once."""
 
     group: str
     entries: dict[str, Registration] = field(default_factory=dict)
     conflicts: dict[str, list[Provider]] = field(default_factory=dict)
+    broken: list[BrokenPlugin] = field(default_factory=list)
 
     def names(self) -> list[str]:
+        """Registered names, sorted."""
         return sorted(self.entries)
 
     def __contains__(self, name: object) -> bool:
         return name in self.entries
 
+    def provider(self, name: str) -> Provider:
+        """Which plugin and distribution (name, version) registered ``name``."""
+        return self.get(name).provider
+
     def suggest(self, name: str) -> str:
         """A 'did you mean' clause plus the installed names, for error messages."""
-        close = difflib.get_close_matches(name, self.names(), n=1, cutoff=0.6)
+        close = difflib.get_close_matches(str(name), self.names(), n=1, cutoff=0.6)
         hint = f"did you mean '{close[0]}'? " if close else ""
         installed = ", ".join(self.names()) or "none"
         return f"{hint}installed {self.group}: {installed}"
 
     def get(self, name: str) -> Registration:
+        """The registration of ``name``; PluginError when unknown or claimed by two plugins."""
         if name in self.conflicts:
             who = " and ".join(str(p) for p in self.conflicts[name])
             raise PluginError(
@@ -99,7 +117,73 @@ class Registry:
         try:
             return self.entries[name]
         except KeyError:
+            broken = ""
+            if self.broken:
+                broken = (
+                    f" ({len(self.broken)} plugin(s) failed to load; "
+                    "'facecore list-plugins' shows why)"
+                )
             raise PluginError(
                 f"unknown {SINGULAR[self.group]} '{name}': {self.suggest(name)}. "
-                "If it comes from a plugin, is that plugin installed?"
+                f"If it comes from a plugin, is that plugin installed?{broken}"
             ) from None
+
+
+def _same_default(schema_default: Any, factory_default: Any) -> bool:
+    if isinstance(factory_default, tuple):
+        factory_default = list(factory_default)
+    if isinstance(schema_default, bool) or isinstance(factory_default, bool):
+        return type(schema_default) is type(factory_default) and schema_default == factory_default
+    return schema_default == factory_default
+
+
+def contract_problems(reg: Registration) -> list[str]:
+    """Mismatches between a factory's signature and its options schema (empty when they agree).
+
+    The core passes a factory its context arguments plus the schema's options, so every
+    other factory argument must be a schema option whose ``default`` equals the factory's
+    default (or be listed in ``required``), and every option must be a factory argument.
+    """
+    from jsonschema import Draft202012Validator
+
+    where = f"{SINGULAR[reg.group]} '{reg.name}' ({reg.provider})"
+    try:
+        params = inspect.signature(reg.factory).parameters
+    except (TypeError, ValueError):
+        return []  # not introspectable (a C callable): nothing to compare
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    named = {n: p for n, p in params.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+    context = CONTEXT_ARGS[reg.group]
+    options = {k: v for k, v in reg.options.items() if k not in context}
+    required = set((reg.schema or {}).get("required", []))
+    problems = []
+    for arg in REQUIRED_CONTEXT_ARGS[reg.group]:
+        if arg not in named and not takes_any:
+            problems.append(f"{where}: the factory must accept '{arg}' (passed by the core)")
+    for name, param in named.items():
+        if name in context:
+            continue
+        if name not in options:
+            if param.default is param.empty:
+                problems.append(f"{where}: factory argument '{name}' has no default and is not in the schema")
+            else:
+                problems.append(f"{where}: factory argument '{name}' is not declared in the schema")
+            continue
+        sub = options[name]
+        if param.default is param.empty:
+            if name not in required:
+                problems.append(f"{where}: option '{name}' has no factory default, so the schema must list it in 'required'")
+        elif "default" not in sub:
+            problems.append(f"{where}: option '{name}' needs \"default\": {param.default!r} in the schema")
+        elif not _same_default(sub["default"], param.default):
+            problems.append(
+                f"{where}: option '{name}' defaults to {sub['default']!r} in the schema but "
+                f"{param.default!r} in the factory"
+            )
+    for name, sub in options.items():
+        if name not in named and not takes_any:
+            problems.append(f"{where}: schema option '{name}' is not an argument of the factory")
+        if isinstance(sub, dict) and "default" in sub:
+            for err in Draft202012Validator(sub).iter_errors(sub["default"]):
+                problems.append(f"{where}: the default of option '{name}' breaks its own schema: {err.message}")
+    return problems
