@@ -1,0 +1,119 @@
+"""Inference with a trained backbone: embeddings, similarity and same/different decisions for face images.
+
+Inputs are aligned face crops (112x112 by default; other sizes are resized with a warning) given
+as file paths, PIL images or HWC uint8 RGB arrays. Embeddings follow the evaluation protocol:
+the image's and its mirror's embeddings are summed, then L2-normalized.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from .errors import CheckpointError, FacecoreError
+from .evaluation import embed as embed_pass
+from .evaluation import l2_normalize, load_trained_backbone, resolve_device
+
+
+def threshold_from_checkpoint(ckpt: Any) -> float | None:
+    """Cosine threshold from the validation ``best_threshold`` values stored in a facecore checkpoint.
+
+    ``best_threshold`` is a squared L2 distance d between unit vectors, so d = 2 - 2 cos and the
+    cosine threshold is 1 - d / 2; the mean over the validation sets. None when there is none.
+    """
+    metrics = ckpt.get("val_metrics") if isinstance(ckpt, dict) else None
+    if not isinstance(metrics, dict):
+        return None
+    found = [
+        float(v["best_threshold"])
+        for v in metrics.values()
+        if isinstance(v, dict) and isinstance(v.get("best_threshold"), (int, float))
+        and math.isfinite(v["best_threshold"])
+    ]
+    if not found:
+        return None
+    return float(np.mean([1.0 - d / 2.0 for d in found]))
+
+
+def _is_single(x: Any) -> bool:
+    if isinstance(x, (str, os.PathLike, bytes, bytearray, memoryview)):
+        return True
+    if hasattr(x, "ndim") and hasattr(x, "shape"):  # numpy array or torch tensor
+        return x.ndim in (2, 3)  # one HW/HWC array or CHW uint8 tensor; 4-D is a batch
+    return type(x).__module__.startswith("PIL.")
+
+
+class Predictor:
+    """A trained backbone ready for face comparison.
+
+    ``Predictor(config_path=None, checkpoint_path="best.pth", use_cpu=False)``: the config defaults
+    to the one stored in the checkpoint; a bare state dict (InsightFace ``backbone.pth``) needs one.
+    """
+
+    def __init__(
+        self,
+        config_path: str | Path | None = None,
+        checkpoint_path: str | Path | None = None,
+        use_cpu: bool = False,
+        *,
+        device: str | None = None,
+        overrides: Sequence[str] = (),
+        batch_size: int = 64,
+    ):
+        import torch
+
+        if checkpoint_path is None:
+            raise CheckpointError("Predictor needs checkpoint_path= (best.pth, last.pth or a backbone state dict)")
+        if device and not use_cpu:
+            resolve_device(device)  # fail before reading the checkpoint
+        backbone, config, ckpt = load_trained_backbone(checkpoint_path, config_path, overrides)
+        self.device = torch.device("cpu") if use_cpu else resolve_device(device or config["device"])
+        self.backbone = backbone.to(self.device).eval()
+        self.config = config
+        self.img_size: int = config["data"]["img_size"]
+        self.batch_size = batch_size
+        # Cosine threshold from the checkpoint's validation results (None if absent); see is_same.
+        self.threshold: float | None = threshold_from_checkpoint(ckpt)
+
+    def _tensor(self, image: Any) -> Any:
+        from .images import load_image
+
+        return load_image(image, img_size=self.img_size)
+
+    def embed(self, images: Any) -> np.ndarray:
+        """L2-normalized flip-summed embeddings (N, D) float32 of one image or a sequence of images.
+
+        Images: paths, encoded bytes, PIL images, HWC uint8 RGB arrays, (3, H, W) uint8 tensors,
+        or a batch of them: a list, an (N, H, W, 3) uint8 array or an (N, 3, H, W) uint8 tensor.
+        """
+        items = [images] if _is_single(images) else list(images)
+        if not items:
+            raise FacecoreError("Predictor.embed got no images")
+        tensors = [self._tensor(x) for x in items]
+        plain, mirrored = embed_pass(self.backbone, tensors, self.batch_size, self.device)
+        return l2_normalize(plain + mirrored).astype(np.float32)
+
+    def predict(self, a: Any, b: Any) -> float:
+        """Cosine similarity in [-1, 1] of two face images (higher: more likely the same person)."""
+        e = self.embed([a, b]).astype(np.float64)
+        return float(np.dot(e[0], e[1]))
+
+    def is_same(self, a: Any, b: Any, threshold: float | None = None) -> bool:
+        """True when the similarity is above ``threshold`` (default: the stored validation threshold).
+
+        Strictly above, as the verification metric calls a pair "same" when distance < threshold.
+        """
+        thr = self.threshold if threshold is None else threshold
+        if thr is None:
+            raise FacecoreError(
+                "no threshold: this checkpoint holds no validation best_threshold; pass threshold= "
+                "(a cosine similarity, e.g. 0.3)"
+            )
+        return self.predict(a, b) > thr
+
+
+__all__ = ["Predictor", "threshold_from_checkpoint"]
