@@ -1,0 +1,460 @@
+"""The training loop: assemble parts from the registries, train, validate, checkpoint, resume.
+
+One code path serves a single process and torchrun/DDP; only rank 0 writes files. The
+backbone, margin head, classifier, LR schedule and metrics are separate objects, so the
+inner loop stays short.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, Sampler
+from torch.utils.data.distributed import DistributedSampler
+
+from . import __version__
+from .build import build_backbone, build_head, build_metrics, build_pair_set, build_scheduler, build_train_dataset, pair_set_paths
+from .checkpoint import load_checkpoint, save_checkpoint
+from .errors import CheckpointError, DataError, TrainingError
+from .runs import RunWriter, new_run_dir, newest_checkpoint, setup_logging
+from .runtime import DistInfo, capture_rng, device_for, init_distributed, restore_rng, seed_everything
+
+
+class ResumableSampler(Sampler[int]):
+    """A DistributedSampler whose epoch can start part-way, skipping batches already trained on."""
+
+    def __init__(self, base: DistributedSampler, batch_size: int):
+        self.base, self.batch_size, self.skip = base, batch_size, 0
+
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        self.base.set_epoch(epoch)
+        self.skip = skip_batches
+
+    def __iter__(self) -> Iterator[int]:
+        return itertools.islice(iter(self.base), self.skip * self.batch_size, None)
+
+    def __len__(self) -> int:
+        return max(0, len(self.base) - self.skip * self.batch_size)
+
+
+class ClassifierModel(nn.Module):
+    """Backbone + classifier as one module, so DDP averages the gradients of both."""
+
+    def __init__(self, backbone: nn.Module, classifier: nn.Module):
+        super().__init__()
+        self.backbone, self.classifier = backbone, classifier
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return classify(self.classifier, self.backbone(images), labels)
+
+
+def classify(classifier: nn.Module, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The margin classifier's loss in float32, whatever autocast the backbone ran under."""
+    with torch.autocast(embeddings.device.type, enabled=False):
+        return classifier(embeddings.float(), labels)
+
+
+def _sum_allreduce_hook(state: Any, bucket: Any) -> Any:
+    """DDP comm hook that sums gradients instead of averaging them.
+
+    With sharded class centers every rank already back-propagates the loss of the global
+    batch into its own embeddings, so the backbone's per-rank gradients add up to the total.
+    """
+    return dist.all_reduce(bucket.buffer(), async_op=True).get_future().then(lambda fut: fut.value()[0])
+
+
+def flip_batch(images: torch.Tensor, seed: int, epoch: int, batch: int, info: DistInfo) -> torch.Tensor:
+    """Random horizontal flips as a pure function of (seed, epoch, batch, global position).
+
+    Doing this here rather than in the dataset makes runs identical for any number of data
+    workers or ranks, and after a resume.
+    """
+    gen = torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 1_000_003 + batch)
+    n = images.shape[0]
+    mask = torch.rand(n * info.world_size, generator=gen) < 0.5
+    mask = mask[info.rank :: info.world_size][:n].to(images.device)
+    return torch.where(mask[:, None, None, None], images.flip(3), images)
+
+
+@dataclass
+class TrainState:
+    """Where training stands; all of it goes into the checkpoint."""
+
+    epoch: int = 0
+    batch_in_epoch: int = 0  # micro-batches of ``epoch`` already trained on
+    step: int = 0  # optimizer steps so far
+    best_accuracy: float = -1.0
+    val_metrics: dict = field(default_factory=dict)
+    skipped_images: int = 0
+
+
+class Trainer:
+    """Build everything a config names and train it; ``run()`` returns a summary dict."""
+
+    def __init__(self, config: dict, resume: str | bool | None = None, verbose: bool = True):
+        self.config = copy.deepcopy(config)
+        self.resume = resume if resume not in (None, False) else (True if config["training"]["resume"] else None)
+        self.verbose = verbose
+        self.info = init_distributed(config["device"])
+        self.device = device_for(self.info, config["device"])
+        self.state = TrainState()
+        self.logger = setup_logging([], verbose=verbose and self.info.is_main)
+
+    # ----------------------------------------------------------------- assembly
+    def _build(self) -> None:
+        cfg, info = self.config, self.info
+        seed_everything(cfg["seed"], cfg["deterministic"])
+        self.dataset = build_train_dataset(cfg, train=False)  # flips happen in flip_batch
+        num = int(getattr(self.dataset, "num_classes", 0))
+        declared = cfg["head"]["num_classes"]
+        if declared is not None and declared != num:
+            raise DataError(
+                f"head.num_classes is {declared} but the {cfg['data']['type']} dataset at data.root "
+                f"({cfg['data'].get('root')}) has {num} identities; set head.num_classes: {num} or leave it out"
+            )
+        cfg["head"]["num_classes"] = num
+        batch = cfg["data"]["batch_size"]
+        base = DistributedSampler(
+            self.dataset, num_replicas=info.world_size, rank=info.rank, shuffle=True, seed=cfg["seed"], drop_last=True
+        )
+        self.sampler = ResumableSampler(base, batch)
+        self.steps_per_epoch_batches = len(base) // batch
+        if self.steps_per_epoch_batches == 0:
+            raise DataError(
+                f"data.batch_size ({batch}) x {info.world_size} process(es) is larger than the dataset "
+                f"({len(self.dataset)} images): lower data.batch_size"
+            )
+        workers = cfg["data"]["num_workers"]
+        self.loader = DataLoader(
+            self.dataset,
+            batch_size=batch,
+            sampler=self.sampler,
+            num_workers=workers,
+            drop_last=True,
+            pin_memory=cfg["data"]["pin_memory"] and self.device.type == "cuda",
+            persistent_workers=workers > 0,
+            generator=torch.Generator().manual_seed(cfg["seed"]),  # keeps the global RNG untouched
+        )
+
+        from .classifier import MarginClassifier, ShardedMarginClassifier
+
+        self.backbone = build_backbone(cfg).to(self.device)
+        head = build_head(cfg)
+        emb, rate = cfg["model"]["embedding_size"], cfg["head"]["sample_rate"]
+        self.sharded = bool(cfg["head"]["shard"]) and info.enabled
+        if self.sharded:
+            self.classifier = ShardedMarginClassifier(emb, num, head, sample_rate=rate).to(self.device)
+        else:
+            self.classifier = MarginClassifier(emb, num, head, sample_rate=rate).to(self.device)
+        if self.device.type == "cuda":
+            self.backbone = self.backbone.to(memory_format=torch.channels_last)
+        if info.enabled and self.sharded:
+            self.model_backbone = nn.parallel.DistributedDataParallel(self.backbone)
+            self.model_backbone.register_comm_hook(None, _sum_allreduce_hook)
+            self.forward = lambda x, y: classify(self.classifier, self.model_backbone(x), y)
+        else:
+            model: nn.Module = ClassifierModel(self.backbone, self.classifier)
+            if info.enabled:
+                model = nn.parallel.DistributedDataParallel(model, device_ids=[self.device] if self.device.type == "cuda" else None)
+            self.forward = model
+        self.train_modules = [self.backbone, self.classifier]
+
+        t = cfg["training"]
+        params = [p for m in self.train_modules for p in m.parameters() if p.requires_grad]
+        if t["optimizer"] == "sgd":
+            self.optimizer = torch.optim.SGD(params, lr=t["lr"], momentum=t["momentum"], weight_decay=t["weight_decay"], nesterov=t["nesterov"])
+        else:
+            self.optimizer = torch.optim.AdamW(params, lr=t["lr"], weight_decay=t["weight_decay"])
+        self.accumulate = t["accumulate_steps"]
+        self.steps_per_epoch = self.steps_per_epoch_batches // self.accumulate
+        if self.steps_per_epoch == 0:
+            raise DataError(f"training.accumulate_steps ({self.accumulate}) exceeds the {self.steps_per_epoch_batches} batches of an epoch")
+        self.scheduler = build_scheduler(cfg, self.optimizer, self.steps_per_epoch)
+        self.amp_dtype = self._amp_dtype(t["amp"])
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+
+        self.pair_sets, self.metrics = [], []
+        if info.is_main:
+            for path in pair_set_paths(cfg):
+                self.pair_sets.append((Path(path).stem, build_pair_set(cfg, path)))
+            if self.pair_sets:
+                self.metrics = build_metrics(cfg)
+
+    def _amp_dtype(self, amp: Any) -> torch.dtype | None:
+        if not amp:
+            return None
+        if self.device.type != "cuda":
+            self.logger.warning("training.amp is set but the device is %s: training in float32", self.device)
+            return None
+        if amp == "fp16" or (amp is True and not torch.cuda.is_bf16_supported()):
+            return torch.float16
+        return torch.bfloat16
+
+    # ----------------------------------------------------------------- checkpoints
+    def _classifier_state(self) -> dict:
+        return self.classifier.full_state_dict() if self.sharded else self.classifier.state_dict()
+
+    def _optimizer_state(self) -> Any:
+        state = self.optimizer.state_dict()
+        if self.sharded:  # per-rank class-center shards have per-rank momentum
+            states: list = [None] * self.info.world_size
+            dist.all_gather_object(states, state)
+            return states
+        return state
+
+    def _save(self, name: str) -> None:
+        classifier = self._classifier_state()
+        optimizer = self._optimizer_state()
+        if not self.info.is_main:
+            return
+        s = self.state
+        save_checkpoint(
+            {
+                "facecore_version": __version__,
+                "config": self.config,
+                "backbone": self.backbone.state_dict(),
+                "classifier": classifier,
+                "optimizer": optimizer,
+                "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(),
+                "epoch": s.epoch,
+                "batch_in_epoch": s.batch_in_epoch,
+                "step": s.step,
+                "rng": capture_rng(),
+                "best_accuracy": s.best_accuracy,
+                "val_metrics": s.val_metrics,
+                "world_size": self.info.world_size,
+            },
+            self.run_dir / name,
+        )
+
+    def _load(self, path: Path) -> None:
+        ckpt = load_checkpoint(path)
+        if not isinstance(ckpt, dict) or "optimizer" not in ckpt or "backbone" not in ckpt:
+            raise CheckpointError(f"{path} is not a facecore training checkpoint (a bare backbone cannot be resumed)")
+        from .checkpoint import load_backbone_weights
+
+        load_backbone_weights(self.backbone, ckpt, path, self.config["model"]["backbone"])
+        try:
+            if self.sharded:
+                self.classifier.load_full_state_dict(ckpt["classifier"])
+            else:
+                self.classifier.load_state_dict(ckpt["classifier"])
+        except (RuntimeError, KeyError) as exc:
+            raise CheckpointError(f"{path}: the classifier does not fit this config ({str(exc).splitlines()[0]})") from None
+        opt = ckpt["optimizer"]
+        if isinstance(opt, list) and len(opt) == self.info.world_size and self.sharded:
+            opt = opt[self.info.rank]
+        elif isinstance(opt, list) or self.sharded:
+            # class centers were split differently when this was saved: their momentum restarts
+            self.logger.warning("resuming on %d process(es) from a checkpoint of %s: class-center optimizer state restarts",
+                                self.info.world_size, f"{len(opt)} shards" if isinstance(opt, list) else "one process")
+            opt = self._without_classifier_state(opt[0] if isinstance(opt, list) else opt)
+        self.optimizer.load_state_dict(opt)
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        s = self.state
+        s.epoch, s.batch_in_epoch, s.step = ckpt["epoch"], ckpt["batch_in_epoch"], ckpt["step"]
+        s.best_accuracy, s.val_metrics = ckpt["best_accuracy"], ckpt["val_metrics"]
+        if ckpt.get("world_size", 1) == self.info.world_size:
+            restore_rng(ckpt["rng"])
+        self.logger.info("resumed from %s at epoch %d, batch %d, step %d", path, s.epoch, s.batch_in_epoch, s.step)
+
+    def _without_classifier_state(self, opt: dict) -> dict:
+        n_cls = len([p for p in self.classifier.parameters() if p.requires_grad])
+        total = sum(len(g["params"]) for g in opt["param_groups"])
+        return {**opt, "state": {k: v for k, v in opt["state"].items() if int(k) < total - n_cls}}
+
+    def _resume_path(self) -> Path | None:
+        if self.resume is None:
+            return None
+        if self.resume is True or self.resume == "auto":
+            return newest_checkpoint(self.config["checkpoint"]["save_dir"])
+        return Path(self.resume)
+
+    def _prepare_run_dir(self, resume_path: Path | None) -> None:
+        cfg = self.config
+        if self.info.is_main:
+            run_dir = resume_path.parent if resume_path else new_run_dir(cfg["checkpoint"]["save_dir"], cfg["model"]["backbone"])
+        else:
+            run_dir = None
+        if self.info.enabled:
+            box = [str(run_dir) if run_dir else None]
+            dist.broadcast_object_list(box, src=0)
+            run_dir = Path(box[0])
+        self.run_dir = Path(run_dir)
+        self.writer = None
+        if self.info.is_main:
+            log_dir = Path(cfg["logging"]["log_dir"])
+            tag = f"{cfg['model']['backbone']}_{self.run_dir.name}"
+            self.logger = setup_logging([self.run_dir / "train.log", log_dir / f"train_{tag}.log"], verbose=self.verbose)
+            tb = log_dir / "tensorboard" / cfg["model"]["backbone"] / self.run_dir.name if cfg["logging"]["tensorboard"] else None
+            self.writer = RunWriter(self.run_dir, tb)
+            self.writer.write_config(cfg)
+
+    # ----------------------------------------------------------------- validation
+    def validate(self) -> dict[str, dict[str, float]]:
+        """Run every metric on every pair set (rank 0); returns ``{set: {key: value}}``.
+
+        RNG states are put back afterwards, so validating never changes the training that follows
+        (a run resumed from a checkpoint written after validation continues exactly).
+        """
+        import warnings
+
+        from .evaluation import evaluate_pair_set
+
+        results: dict[str, dict[str, float]] = {}
+        if self.info.is_main and self.pair_sets:
+            rng = capture_rng()
+            batch = self.config["eval"]["test_batch_size"]
+            for name, pairs in self.pair_sets:
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    results[name] = evaluate_pair_set(self.backbone, pairs, self.metrics, batch, self.device)
+                for w in {str(w.message) for w in caught}:
+                    self.logger.warning("[%s] %s", name, w)
+                shown = ", ".join(f"{k} {v:.4f}" for k, v in results[name].items() if isinstance(v, float))
+                self.logger.info("[%s] step %d epoch %d: %s", name, self.state.step, self.state.epoch, shown)
+                self.writer.record("validation", self.state.step, self.state.epoch, {"set": name, **results[name]}, tb_prefix=f"val/{name}")
+            restore_rng(rng)
+        if self.info.enabled:
+            dist.barrier()
+        return results
+
+    def _after_validation(self, results: dict) -> bool:
+        """Keep the results; True when the mean accuracy is the best so far."""
+        if not results:
+            return False
+        self.state.val_metrics = results
+        accs = [r["accuracy"] for r in results.values() if "accuracy" in r]
+        if not accs:
+            return False
+        mean = float(sum(accs) / len(accs))
+        if mean > self.state.best_accuracy:
+            self.state.best_accuracy = mean
+            return True
+        return False
+
+    # ----------------------------------------------------------------- the loop
+    def run(self) -> dict:
+        resume_path = self._resume_path()
+        self._build()
+        self._prepare_run_dir(resume_path)
+        if resume_path:
+            self._load(resume_path)
+        cfg, t, s = self.config, self.config["training"], self.state
+        batch, world = cfg["data"]["batch_size"], self.info.world_size
+        max_steps = t["max_steps"] or math.inf
+        self.logger.info(
+            "run %s: %s + %s, %d images, %d classes, %d steps/epoch x %d epochs, %d process(es) on %s",
+            self.run_dir, cfg["model"]["backbone"], cfg["head"]["type"], len(self.dataset), cfg["head"]["num_classes"],
+            self.steps_per_epoch, t["epochs"], world, self.device,
+        )
+        show_bar = self.info.is_main and self.verbose and sys.stderr.isatty()
+        initial = self.validate() if cfg["eval"]["at_start"] and s.step == 0 else {}
+        stop = False
+        while s.epoch < t["epochs"] and s.step < max_steps and not stop:
+            stop = self._train_epoch(max_steps, batch * world, show_bar)
+            if not stop:
+                s.epoch, s.batch_in_epoch = s.epoch + 1, 0
+            end = stop or s.epoch >= t["epochs"] or s.step >= max_steps
+            stop = end
+            due = cfg["eval"]["eval_unit"] == "epoch" and (s.epoch % cfg["eval"]["eval_freq"] == 0 or end)
+            improved = self._after_validation(self.validate()) if due or (end and self.pair_sets) else False
+            self._save("last.pth")
+            if improved:
+                self._save("best.pth")
+        if s.skipped_images:
+            self.logger.warning("%d undecodable image(s) were skipped (data.on_bad_image: skip)", s.skipped_images)
+        summary = {"run_dir": str(self.run_dir), "step": s.step, "epoch": s.epoch, "best_accuracy": s.best_accuracy, "val_metrics": s.val_metrics,
+                   "initial_metrics": initial}
+        if self.writer:
+            self.writer.close()
+        self.logger.info("done: %s", {k: v for k, v in summary.items() if k != "val_metrics"})
+        return summary
+
+    def _train_epoch(self, max_steps: float, global_batch: int, show_bar: bool) -> bool:
+        """Train the rest of the current epoch; True when max_steps stopped it early."""
+        from tqdm import tqdm
+
+        cfg, s = self.config, self.state
+        t = cfg["training"]
+        for m in self.train_modules:
+            m.train()
+        self.sampler.set_epoch(s.epoch, s.batch_in_epoch)
+        bar = tqdm(total=self.steps_per_epoch_batches, initial=s.batch_in_epoch, desc=f"epoch {s.epoch + 1}/{t['epochs']}",
+                   disable=not show_bar, leave=False, dynamic_ncols=True)
+        window_start, window_images, loss_sum, loss_n = time.perf_counter(), 0, 0.0, 0
+        self.optimizer.zero_grad(set_to_none=True)
+        for i, (images, labels) in enumerate(self.loader, start=s.batch_in_epoch):
+            images = images.to(self.device, non_blocking=True)
+            labels = torch.as_tensor(labels).to(self.device, non_blocking=True)
+            images = flip_batch(images, cfg["seed"], s.epoch, i, self.info)
+            if (labels < 0).any():  # images the dataset skipped (data.on_bad_image: skip)
+                keep = labels >= 0
+                s.skipped_images += int((~keep).sum())
+                images, labels = images[keep], labels[keep]
+            if self.device.type == "cuda":
+                images = images.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
+                loss = self.forward(images, labels)
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise TrainingError(
+                    f"the loss became {value} at epoch {s.epoch + 1}, step {s.step + 1}; stopped without saving, "
+                    f"so the last good checkpoint in {self.run_dir} is intact. Lower training.lr, check "
+                    "training.grad_clip_norm, or turn off training.amp"
+                )
+            self.scaler.scale(loss / self.accumulate).backward()
+            loss_sum, loss_n, window_images = loss_sum + value, loss_n + 1, window_images + global_batch
+            s.batch_in_epoch = i + 1
+            bar.update(1)
+            if (i + 1) % self.accumulate:
+                continue
+            if t["grad_clip_norm"]:
+                self.scaler.unscale_(self.optimizer)
+                params = [p for m in self.train_modules for p in m.parameters() if p.grad is not None]
+                nn.utils.clip_grad_norm_(params, t["grad_clip_norm"])
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scheduler.step()
+            s.step += 1
+            if s.step % t["log_every"] == 0 or s.batch_in_epoch == self.steps_per_epoch_batches:
+                elapsed = time.perf_counter() - window_start
+                lr = self.optimizer.param_groups[0]["lr"]
+                speed = window_images / max(elapsed, 1e-9)
+                mean_loss = loss_sum / max(loss_n, 1)
+                bar.set_postfix(loss=f"{mean_loss:.3f}", lr=f"{lr:.2e}", img_s=f"{speed:.0f}")
+                if not show_bar:
+                    self.logger.info("epoch %d step %d: loss %.4f lr %.3e %.1f images/s", s.epoch + 1, s.step, mean_loss, lr, speed)
+                if self.writer:
+                    self.writer.record("train", s.step, s.epoch, {"loss": mean_loss, "lr": lr, "images_per_s": speed}, tb_prefix="train")
+                window_start, window_images, loss_sum, loss_n = time.perf_counter(), 0, 0.0, 0
+            every = cfg["checkpoint"]["save_every_steps"]
+            if every and s.step % every == 0 and s.batch_in_epoch < self.steps_per_epoch_batches:
+                self._save("last.pth")
+            if cfg["eval"]["eval_unit"] == "step" and s.step % cfg["eval"]["eval_freq"] == 0:
+                if self._after_validation(self.validate()):
+                    self._save("best.pth")
+                for m in self.train_modules:
+                    m.train()
+            if s.step >= max_steps:
+                break
+        bar.close()
+        return s.batch_in_epoch < self.steps_per_epoch_batches
+
+
+def train(config: dict, resume: str | bool | None = None, verbose: bool = True) -> dict:
+    """Train from an effective config; see :class:`Trainer`."""
+    return Trainer(config, resume=resume, verbose=verbose).run()

@@ -1,0 +1,215 @@
+"""The training loop: reproducibility, files written, checks before the first step, NaN stop, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from facecore import DataError, TrainingError, hookimpl
+from facecore.checkpoint import load_checkpoint, save_checkpoint
+from facecore.config import validate_config
+from facecore.packing import pack_bin, pack_rec
+from facecore.synthetic import generate_identity_folder, write_pairs
+from facecore.trainer import train
+
+FACECORE = [sys.executable, "-m", "facecore.cli"]
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """6 identities x 8 images packed as RecordIO, and a 40-pair .bin of 5 other identities."""
+    root = tmp_path_factory.mktemp("trainer-data")
+    generate_identity_folder(root / "train_images", 6, 8, seed=0, workers=1, progress=False)
+    pack_rec(root / "train_images", root / "data", progress=False)
+    generate_identity_folder(root / "test_images", 5, 4, seed=1, first_identity=50, workers=1, progress=False)
+    write_pairs(root / "test_images", root / "pairs.txt", 40, seed=0)
+    pack_bin(root / "pairs.txt", root / "data" / "val.bin", progress=False)
+    return root / "data"
+
+
+def tiny_config(data: Path, out: Path, **sections: dict) -> dict:
+    """A validated config for a seconds-long CPU run; ``sections`` update the defaults here."""
+    return validate_config(raw_config(data, out, **sections))
+
+
+def raw_config(data: Path, out: Path, **sections: dict) -> dict:
+    config = {
+        "seed": 7,
+        "device": "cpu",
+        "model": {"backbone": "fastcontextface", "embedding_size": 32, "depths": [1, 1, 1, 1], "dims": [8, 16, 16, 32]},
+        "head": {"type": "arcface", "scale": 16.0, "margin": 0.2},
+        "data": {"root": str(data), "batch_size": 8, "num_workers": 0},
+        "training": {"epochs": 2, "lr": 0.05, "scheduler": "cosine", "warmup_epochs": 0.5, "log_every": 2},
+        "checkpoint": {"save_dir": str(out / "runs")},
+        "logging": {"log_dir": str(out / "logs"), "tensorboard": False},
+        "eval": {"bin_file": "val.bin", "metrics": ["verification"]},
+    }
+    for key, values in sections.items():
+        config[key].update(values)
+    return config
+
+
+def final_weights(run_dir: str | Path, name: str = "last.pth") -> dict:
+    return load_checkpoint(Path(run_dir) / name)["backbone"]
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_same_seed_gives_identical_weights_and_another_seed_does_not(tiny_data: Path, tmp_path: Path) -> None:
+    first = train(tiny_config(tiny_data, tmp_path / "a"), verbose=False)
+    second = train(tiny_config(tiny_data, tmp_path / "b"), verbose=False)
+    cfg = tiny_config(tiny_data, tmp_path / "c")
+    cfg["seed"] = 8
+    other = train(cfg, verbose=False)
+    assert_same_weights(final_weights(first["run_dir"]), final_weights(second["run_dir"]))
+    a, c = final_weights(first["run_dir"]), final_weights(other["run_dir"])
+    assert any(not torch.equal(a[k], c[k]) for k in a if a[k].is_floating_point())
+
+
+def test_run_directory_holds_config_checkpoints_metrics_and_log(tiny_data: Path, tmp_path: Path) -> None:
+    cfg = tiny_config(tiny_data, tmp_path, logging={"log_dir": str(tmp_path / "logs"), "tensorboard": True})
+    summary = train(cfg, verbose=False)
+    run = Path(summary["run_dir"])
+    assert run.parent == tmp_path / "runs" / "fastcontextface"
+    assert {"config.yaml", "last.pth", "best.pth", "metrics.jsonl", "train.log"} <= {p.name for p in run.iterdir()}
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["head"]["num_classes"] == 6  # taken from the dataset when not given
+    ckpt = load_checkpoint(run / "last.pth")
+    steps_per_epoch = 48 // 8
+    assert ckpt["step"] == 2 * steps_per_epoch and ckpt["epoch"] == 2 and ckpt["batch_in_epoch"] == 0
+    assert ckpt["config"]["model"]["backbone"] == "fastcontextface" and ckpt["facecore_version"]
+    assert {"optimizer", "scheduler", "scaler", "rng", "classifier", "val_metrics"} <= ckpt.keys()
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    val = [line for line in lines if line["event"] == "validation"]
+    assert [v["epoch"] for v in val] == [1, 2] and all(0 <= v["accuracy"] <= 1 for v in val)
+    assert any(line["event"] == "train" and line["loss"] > 0 for line in lines)
+    best = load_checkpoint(run / "best.pth")
+    assert best["best_accuracy"] == max(v["accuracy"] for v in val)
+    assert list((tmp_path / "logs").glob("train_fastcontextface_*.log"))
+    assert list((tmp_path / "logs" / "tensorboard").rglob("events.out.tfevents.*"))
+
+
+def test_num_classes_mismatch_stops_before_training_with_both_numbers(tiny_data: Path, tmp_path: Path) -> None:
+    cfg = tiny_config(tiny_data, tmp_path, head={"num_classes": 10})
+    with pytest.raises(DataError, match=r"head.num_classes is 10 .* has 6 identities"):
+        train(cfg, verbose=False)
+    assert not list((tmp_path / "runs").rglob("*.pth"))
+
+
+class NaNAfter:
+    """A head that behaves like CosFace until its n-th call, then returns NaN logits."""
+
+    def __init__(self, calls: int):
+        self.calls = calls
+
+    @hookimpl
+    def register_heads(self, register):
+        outer = self
+
+        class Head(torch.nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.seen = 0
+
+            def forward(self, cosine, labels, norms):
+                self.seen += 1
+                logits = 16 * cosine
+                return logits * float("nan") if self.seen > outer.calls else logits
+
+        register("nan-after", Head, description="test head")
+
+
+def test_nan_loss_stops_naming_step_and_epoch_and_keeps_last_checkpoint(tiny_data, tmp_path, register_plugin) -> None:
+    register_plugin(NaNAfter(calls=8), name="nan-after-plugin")
+    cfg = raw_config(tiny_data, tmp_path, checkpoint={"save_dir": str(tmp_path / "runs"), "save_every_steps": 2})
+    cfg = validate_config({**cfg, "head": {"type": "nan-after"}})
+    with pytest.raises(TrainingError, match=r"at epoch 2, step 9"):
+        train(cfg, verbose=False)
+    (last,) = (tmp_path / "runs").rglob("last.pth")
+    assert load_checkpoint(last)["step"] == 8  # written at the end of epoch 1, never with NaN weights
+    assert all(torch.isfinite(v).all() for v in load_checkpoint(last)["backbone"].values() if v.is_floating_point())
+
+
+def test_checkpoint_save_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "last.pth"
+    save_checkpoint({"step": 1, "w": torch.ones(3)}, path)
+
+    def broken_save(obj, fh, *args, **kwargs):
+        fh.write(b"partial garbage")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError):
+        save_checkpoint({"step": 2, "w": torch.zeros(3)}, path)
+    monkeypatch.undo()
+    assert load_checkpoint(path)["step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pth"]  # no temporary file left behind
+
+
+def test_cuda_on_a_machine_without_it_is_a_clear_cli_error(tiny_data: Path, tmp_path: Path) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text(yaml.safe_dump(tiny_config(tiny_data, tmp_path)))
+    out = subprocess.run([*FACECORE, "train", "--config", str(cfg_file), "--device", "cuda"], capture_output=True, text=True)
+    assert out.returncode != 0
+    assert "no usable CUDA device" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_resume_flag_without_runs_is_a_clear_error(tiny_data: Path, tmp_path: Path) -> None:
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text(yaml.safe_dump(tiny_config(tiny_data, tmp_path)))
+    out = subprocess.run([*FACECORE, "train", "--config", str(cfg_file), "--resume"], capture_output=True, text=True)
+    assert out.returncode != 0 and "found no run to continue" in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.slow
+def test_killed_run_resumed_ends_with_the_weights_of_an_uninterrupted_run(tiny_data: Path, tmp_path: Path) -> None:
+    cfg = tiny_config(tiny_data, tmp_path, training={"epochs": 3},
+                      checkpoint={"save_dir": str(tmp_path / "runs"), "save_every_steps": 1})
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text(yaml.safe_dump(cfg))
+    reference = train(tiny_config(tiny_data, tmp_path / "ref", training={"epochs": 3},
+                                  checkpoint={"save_dir": str(tmp_path / "ref" / "runs"), "save_every_steps": 1}),
+                      verbose=False)
+
+    proc = subprocess.Popen([*FACECORE, "train", "--config", str(cfg_file), "--quiet"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    killed_at = None
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        found = list((tmp_path / "runs").rglob("last.pth"))
+        if found:
+            try:
+                ckpt = torch.load(found[0], weights_only=True)
+            except Exception:  # being replaced right now: try again
+                ckpt = None
+            if ckpt and ckpt["epoch"] == 1 and 2 <= ckpt["batch_in_epoch"] < 6:  # mid-way through epoch 2
+                os.kill(proc.pid, signal.SIGKILL)
+                killed_at = (ckpt["epoch"], ckpt["batch_in_epoch"])
+                break
+        time.sleep(0.02)
+    proc.wait()
+    assert killed_at is not None, f"the run ended before it could be killed: {proc.stderr.read().decode()[-500:]}"
+    assert proc.returncode == -signal.SIGKILL
+
+    out = subprocess.run([*FACECORE, "train", "--config", str(cfg_file), "--resume", "--quiet"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    (last,) = (tmp_path / "runs").rglob("last.pth")
+    resumed = load_checkpoint(last)
+    assert resumed["epoch"] == 3 and resumed["step"] == reference["step"]
+    assert_same_weights(resumed["backbone"], final_weights(reference["run_dir"]))
+    assert_same_weights(resumed["classifier"], load_checkpoint(Path(reference["run_dir"]) / "last.pth")["classifier"])
