@@ -64,15 +64,6 @@ def classify(classifier: nn.Module, embeddings: torch.Tensor, labels: torch.Tens
         return classifier(embeddings.float(), labels)
 
 
-def _sum_allreduce_hook(state: Any, bucket: Any) -> Any:
-    """DDP comm hook that sums gradients instead of averaging them.
-
-    With sharded class centers every rank already back-propagates the loss of the global
-    batch into its own embeddings, so the backbone's per-rank gradients add up to the total.
-    """
-    return dist.all_reduce(bucket.buffer(), async_op=True).get_future().then(lambda fut: fut.value()[0])
-
-
 def flip_batch(images: torch.Tensor, seed: int, epoch: int, batch: int, info: DistInfo) -> torch.Tensor:
     """Random horizontal flips as a pure function of (seed, epoch, batch, global position).
 
@@ -153,14 +144,16 @@ class Trainer:
         emb, rate = cfg["model"]["embedding_size"], cfg["head"]["sample_rate"]
         self.sharded = bool(cfg["head"]["shard"]) and info.enabled
         if self.sharded:
-            self.classifier = ShardedMarginClassifier(emb, num, head, sample_rate=rate).to(self.device)
+            # ddp_backbone: every rank back-propagates the global loss into its own embeddings, so the
+            # classifier scales that gradient by the world size to undo DDP's averaging
+            self.classifier = ShardedMarginClassifier(emb, num, head, sample_rate=rate, ddp_backbone=True).to(self.device)
         else:
             self.classifier = MarginClassifier(emb, num, head, sample_rate=rate).to(self.device)
         if self.device.type == "cuda":
             self.backbone = self.backbone.to(memory_format=torch.channels_last)
         if info.enabled and self.sharded:
-            self.model_backbone = nn.parallel.DistributedDataParallel(self.backbone)
-            self.model_backbone.register_comm_hook(None, _sum_allreduce_hook)
+            ids = [self.device] if self.device.type == "cuda" else None
+            self.model_backbone = nn.parallel.DistributedDataParallel(self.backbone, device_ids=ids)
             self.forward = lambda x, y: classify(self.classifier, self.model_backbone(x), y)
         else:
             model: nn.Module = ClassifierModel(self.backbone, self.classifier)
@@ -383,6 +376,21 @@ class Trainer:
         self.logger.info("done: %s", {k: v for k, v in summary.items() if k != "val_metrics"})
         return summary
 
+    def _clip_gradients(self, max_norm: float) -> None:
+        """Clip the global gradient norm; with sharded centers the norm covers every rank's shard."""
+        grads = [p.grad for p in self.backbone.parameters() if p.grad is not None]
+        shard = [p.grad for p in self.classifier.parameters() if p.grad is not None]
+        if not self.sharded:
+            nn.utils.clip_grad_norm_([p for m in self.train_modules for p in m.parameters() if p.grad is not None], max_norm)
+            return
+        sq = torch.stack([g.detach().float().pow(2).sum() for g in shard]).sum() if shard else torch.zeros((), device=self.device)
+        dist.all_reduce(sq)  # the shards' squared norms add up; the backbone is the same on every rank
+        if grads:
+            sq = sq + torch.stack([g.detach().float().pow(2).sum() for g in grads]).sum()
+        scale = (max_norm / (sq.sqrt() + 1e-6)).clamp(max=1.0)
+        for g in grads + shard:
+            g.mul_(scale.to(g.dtype))
+
     def _train_epoch(self, max_steps: float, global_batch: int, show_bar: bool) -> bool:
         """Train the rest of the current epoch; True when max_steps stopped it early."""
         from tqdm import tqdm
@@ -423,8 +431,7 @@ class Trainer:
                 continue
             if t["grad_clip_norm"]:
                 self.scaler.unscale_(self.optimizer)
-                params = [p for m in self.train_modules for p in m.parameters() if p.grad is not None]
-                nn.utils.clip_grad_norm_(params, t["grad_clip_norm"])
+                self._clip_gradients(t["grad_clip_norm"])
             self.scaler.step(self.optimizer)
             self.scaler.update()
             self.optimizer.zero_grad(set_to_none=True)

@@ -19,18 +19,10 @@ from importlib import metadata
 from pathlib import Path
 
 import pytest
+from helpers import fake_distribution, subprocess_env
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "facecore-mobilefacenet"
-
-
-def _env(**extra: str) -> dict[str, str]:
-    """This process's environment minus anything that would change which plugins load."""
-    drop = {"PYTHONPATH", "PYTHONHOME", "FACECORE_LOAD_PLUGINS"}
-    env = {k: v for k, v in os.environ.items() if k not in drop}
-    env.setdefault("OMP_NUM_THREADS", "1")  # tiny workloads: extra threads only contend with pytest's
-    env.update(extra)
-    return env
 
 
 def _cli(python: str | Path, *args: str, env: dict[str, str] | None = None, timeout: int = 180):
@@ -38,7 +30,7 @@ def _cli(python: str | Path, *args: str, env: dict[str, str] | None = None, time
         [str(python), "-m", "facecore.cli", *args],
         capture_output=True,
         text=True,
-        env=env if env is not None else _env(),
+        env=env if env is not None else subprocess_env(),
         timeout=timeout,
     )
 
@@ -84,32 +76,24 @@ FAKE_PLUGINS = {
 }
 
 
-def _fake_distribution(where: Path, dist: str, module: str, source: str, version: str = "1.2.3") -> None:
-    (where / f"{module}.py").write_text(textwrap.dedent(source))
-    info = where / f"{dist.replace('-', '_')}-{version}.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n")
-    (info / "entry_points.txt").write_text(f"[facecore]\n{module} = {module}\n")
-
-
 @pytest.fixture(scope="module")
 def fake_dists(tmp_path_factory) -> Path:
     where = tmp_path_factory.mktemp("fake_dists")
     for dist, (module, source) in FAKE_PLUGINS.items():
-        _fake_distribution(where, dist, module, source)
+        fake_distribution(where, dist, module, source)
     return where
 
 
 @pytest.fixture(scope="module")
 def with_fakes(fake_dists) -> dict:
     """``list-plugins --json`` with the three fake distributions importable."""
-    return _listing(sys.executable, _env(PYTHONPATH=str(fake_dists)))
+    return _listing(sys.executable, subprocess_env(PYTHONPATH=str(fake_dists)))
 
 
 @pytest.fixture(scope="module")
 def without_fakes(fake_dists) -> dict:
     """The same, with third-party plugins switched off by an empty FACECORE_LOAD_PLUGINS."""
-    return _listing(sys.executable, _env(PYTHONPATH=str(fake_dists), FACECORE_LOAD_PLUGINS=""))
+    return _listing(sys.executable, subprocess_env(PYTHONPATH=str(fake_dists), FACECORE_LOAD_PLUGINS=""))
 
 
 def _broken_of(listing: dict, dist: str) -> list[dict]:
@@ -162,7 +146,7 @@ def test_empty_load_plugins_hides_third_party_plugins_entirely(with_fakes, witho
 
 
 def test_list_plugins_table_shows_broken_plugins_and_exits_0(fake_dists):
-    out = _cli(sys.executable, "list-plugins", env=_env(PYTHONPATH=str(fake_dists)))
+    out = _cli(sys.executable, "list-plugins", env=subprocess_env(PYTHONPATH=str(fake_dists)))
     assert out.returncode == 0, out.stderr
     assert "Traceback" not in out.stdout + out.stderr
     assert "resnet50" in out.stdout
@@ -171,7 +155,7 @@ def test_list_plugins_table_shows_broken_plugins_and_exits_0(fake_dists):
 
 def test_validate_with_a_duplicated_name_names_both_providers(fake_dists, tmp_path):
     config = _resnet_config(tmp_path)
-    out = _cli(sys.executable, "validate", "--config", str(config), env=_env(PYTHONPATH=str(fake_dists)))
+    out = _cli(sys.executable, "validate", "--config", str(config), env=subprocess_env(PYTHONPATH=str(fake_dists)))
     assert out.returncode == 2, out.stdout + out.stderr
     assert "Traceback" not in out.stderr
     assert "model.backbone" in out.stderr
@@ -199,7 +183,7 @@ def _make_venv(where: Path) -> Path:
     python = where / bindir / ("python.exe" if os.name == "nt" else "python")
     purelib = subprocess.run(
         [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-        capture_output=True, text=True, check=True, env=_env(),
+        capture_output=True, text=True, check=True, env=subprocess_env(),
     ).stdout.strip()
     ours = [p for p in {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]} if os.path.isdir(p)]
     lines = [f"import site; site.addsitedir({p!r})" for p in sorted(ours)]
@@ -238,7 +222,7 @@ def test_pip_installed_backbone_is_listed_validated_trained_and_uninstalled(tmp_
             pytest.skip(f"{needed} is not installed here; pip install {needed} to run this test")
 
     python = _make_venv(tmp_path / "venv")
-    env = _env()
+    env = subprocess_env()
     check = subprocess.run([str(python), "-c", "import setuptools, facecore, facecore_plugins"], capture_output=True, text=True, env=env)
     assert check.returncode == 0, f"the throwaway venv does not see our packages:\n{check.stderr}"
 
@@ -316,6 +300,6 @@ def test_example_package_tests_pass():
     """The example's own suite (not under tests/, so run here) stays green."""
     out = subprocess.run(
         [sys.executable, "-m", "pytest", str(EXAMPLE), "-q", "-p", "no:cacheprovider"],
-        capture_output=True, text=True, env=_env(PYTHONDONTWRITEBYTECODE="1"), cwd=EXAMPLE, timeout=300,
+        capture_output=True, text=True, env=subprocess_env(PYTHONDONTWRITEBYTECODE="1"), cwd=EXAMPLE, timeout=300,
     )
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]

@@ -13,12 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import make_tiny_data
 
 from facecore import DataError, TrainingError, hookimpl
 from facecore.checkpoint import load_checkpoint, save_checkpoint
 from facecore.config import validate_config
-from facecore.packing import pack_bin, pack_rec
-from facecore.synthetic import generate_identity_folder, write_pairs
 from facecore.trainer import train
 
 FACECORE = [sys.executable, "-m", "facecore.cli"]
@@ -27,13 +26,7 @@ FACECORE = [sys.executable, "-m", "facecore.cli"]
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """6 identities x 8 images packed as RecordIO, and a 40-pair .bin of 5 other identities."""
-    root = tmp_path_factory.mktemp("trainer-data")
-    generate_identity_folder(root / "train_images", 6, 8, seed=0, workers=1, progress=False)
-    pack_rec(root / "train_images", root / "data", progress=False)
-    generate_identity_folder(root / "test_images", 5, 4, seed=1, first_identity=50, workers=1, progress=False)
-    write_pairs(root / "test_images", root / "pairs.txt", 40, seed=0)
-    pack_bin(root / "pairs.txt", root / "data" / "val.bin", progress=False)
-    return root / "data"
+    return make_tiny_data(tmp_path_factory.mktemp("trainer-data"))
 
 
 def tiny_config(data: Path, out: Path, **sections: dict) -> dict:

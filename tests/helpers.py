@@ -1,0 +1,39 @@
+"""Helpers shared by several test modules: tiny data sets and distributions made on the fly."""
+
+from __future__ import annotations
+
+import os
+import textwrap
+from pathlib import Path
+
+from facecore.packing import pack_bin, pack_rec
+from facecore.synthetic import generate_identity_folder, write_pairs
+
+
+def make_tiny_data(root: Path, identities: int = 6, per_identity: int = 8, pairs: int = 40) -> Path:
+    """Synthetic identities packed as RecordIO under ``root/data``, plus ``val.bin`` of other identities."""
+    generate_identity_folder(root / "train_images", identities, per_identity, seed=0, workers=1, progress=False)
+    pack_rec(root / "train_images", root / "data", progress=False)
+    generate_identity_folder(root / "test_images", 5, 4, seed=1, first_identity=50, workers=1, progress=False)
+    write_pairs(root / "test_images", root / "pairs.txt", pairs, seed=0)
+    pack_bin(root / "pairs.txt", root / "data" / "val.bin", progress=False)
+    return root / "data"
+
+
+def fake_distribution(where: Path, dist: str, module: str, source: str, version: str = "1.2.3") -> None:
+    """A module plus ``<dist>-<version>.dist-info`` with a facecore entry point: importlib.metadata
+    finds it when ``where`` is on the path, as it would an installed package."""
+    (where / f"{module}.py").write_text(textwrap.dedent(source))
+    info = where / f"{dist.replace('-', '_')}-{version}.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n")
+    (info / "entry_points.txt").write_text(f"[facecore]\n{module} = {module}\n")
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """This process's environment minus anything that would change which plugins load."""
+    drop = {"PYTHONPATH", "PYTHONHOME", "FACECORE_LOAD_PLUGINS"}
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    env.setdefault("OMP_NUM_THREADS", "1")  # tiny workloads: extra threads only contend with pytest's
+    env.update(extra)
+    return env
