@@ -1,0 +1,70 @@
+"""The ``image-folder`` training dataset: ``root/<identity>/<image>`` trees, identities sorted to class ids."""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.data import Dataset
+
+from facecore import hookimpl
+from facecore.errors import DataError
+from facecore.images import list_image_folder, training_item
+
+SCHEMA = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["root"],
+    "properties": {
+        "root": {"type": "string", "description": "Folder with one sub-folder of .jpg/.jpeg/.png images per identity."},
+        "img_size": {
+            "type": "integer",
+            "minimum": 8,
+            "default": 112,
+            "description": "Height and width every image must have; another size is an error, not a resize.",
+        },
+        "on_bad_image": {
+            "enum": ["stop", "skip"],
+            "default": "stop",
+            "description": "An undecodable image stops the run, or is skipped (returned with label -1 and counted).",
+        },
+    },
+}
+
+
+class ImageFolderDataset(Dataset):
+    """(image, label) pairs from image files; ``classes`` lists identity names in class-id order.
+
+    ``skipped`` counts images skipped in this process (``on_bad_image: skip``).
+    """
+
+    def __init__(self, root: str, train: bool = False, img_size: int = 112, on_bad_image: str = "stop"):
+        if on_bad_image not in ("stop", "skip"):
+            raise DataError(f"data.on_bad_image must be 'stop' or 'skip', got {on_bad_image!r}")
+        self.root = root
+        self.train = train
+        self.img_size = img_size
+        self.skip_bad = on_bad_image == "skip"
+        self.skipped = 0
+        self.classes, self.items = list_image_folder(root)
+        self.num_classes = len(self.classes)
+        self.labels = [label for _, label in self.items]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        path, label = self.items[index]
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise DataError(f"cannot read image {path}: {exc.strerror}") from None
+        image = training_item(data, img_size=self.img_size, train=self.train, where=str(path), skip_bad=self.skip_bad)
+        if image is None:
+            self.skipped += 1
+            return torch.zeros(3, self.img_size, self.img_size), -1
+        return image, label
+
+
+@hookimpl
+def register_datasets(register):
+    register("image-folder", ImageFolderDataset, schema=SCHEMA,
+             description="Training images in root/<identity>/<image> folders (jpg/png), identities sorted by name")
