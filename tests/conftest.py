@@ -15,6 +15,15 @@ import pytest
 from facecore import plugins
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _one_torch_thread() -> None:
+    """The suite's models are tiny: one thread is as fast, and OpenMP threads spinning against
+    the subprocesses some tests start (torchrun, CLI runs) can slow a step down 50-fold."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
 @pytest.fixture
 def register_plugin() -> Iterator[Callable[..., Any]]:
     """``register_plugin(obj, name=None) -> obj``: register on ``pm`` for this test only."""

@@ -45,6 +45,7 @@ def batch(n=6, d=8, c=10, seed=0):
 
 
 def test_loss_matches_reference_and_sample_rate_one_is_full():
+    torch.manual_seed(0)  # the centers' initial values come from the global RNG
     emb, labels = batch()
     clf = MarginClassifier(8, 10, head(), sample_rate=1.0).train()
     e1 = emb.clone().requires_grad_(True)
@@ -55,8 +56,10 @@ def test_loss_matches_reference_and_sample_rate_one_is_full():
     ref = reference_loss(e2, labels, w)
     ref.backward()
     torch.testing.assert_close(loss, ref)
-    torch.testing.assert_close(clf.weight.grad, w.grad)
-    torch.testing.assert_close(e1.grad, e2.grad)
+    # the reference takes acos then cos(theta + m), the classifier the expanded form: float32
+    # rounding differs by a few ulps of gradients of size ~s
+    torch.testing.assert_close(clf.weight.grad, w.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(e1.grad, e2.grad, rtol=1e-4, atol=1e-4)
     assert clf.weight.shape == (10, 8) and isinstance(clf.head, torch.nn.Module)
 
 

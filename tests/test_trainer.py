@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import make_tiny_data
+from helpers import make_tiny_data, subprocess_env
 
 from facecore import DataError, TrainingError, hookimpl
 from facecore.checkpoint import load_checkpoint, save_checkpoint
@@ -171,20 +171,26 @@ def test_resume_flag_without_runs_is_a_clear_error(tiny_data: Path, tmp_path: Pa
 
 @pytest.mark.slow
 def test_killed_run_resumed_ends_with_the_weights_of_an_uninterrupted_run(tiny_data: Path, tmp_path: Path) -> None:
-    cfg = tiny_config(tiny_data, tmp_path, training={"epochs": 3},
-                      checkpoint={"save_dir": str(tmp_path / "runs"), "save_every_steps": 1})
-    cfg_file = tmp_path / "c.yaml"
-    cfg_file.write_text(yaml.safe_dump(cfg))
-    reference = train(tiny_config(tiny_data, tmp_path / "ref", training={"epochs": 3},
-                                  checkpoint={"save_dir": str(tmp_path / "ref" / "runs"), "save_every_steps": 1}),
-                      verbose=False)
+    def config_file(name: str) -> Path:
+        cfg = tiny_config(tiny_data, tmp_path / name, training={"epochs": 3},
+                          checkpoint={"save_dir": str(tmp_path / name / "runs"), "save_every_steps": 1})
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        return path
 
-    proc = subprocess.Popen([*FACECORE, "train", "--config", str(cfg_file), "--quiet"],
+    env = subprocess_env()  # both runs in the same kind of process: same threads, same float rounding
+    out = subprocess.run([*FACECORE, "train", "--config", str(config_file("ref")), "--quiet"], env=env,
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    (reference,) = (tmp_path / "ref" / "runs").rglob("last.pth")
+
+    cfg_file = config_file("killed")
+    proc = subprocess.Popen([*FACECORE, "train", "--config", str(cfg_file), "--quiet"], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     killed_at = None
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
-        found = list((tmp_path / "runs").rglob("last.pth"))
+        found = list((tmp_path / "killed" / "runs").rglob("last.pth"))
         if found:
             try:
                 ckpt = torch.load(found[0], weights_only=True)
@@ -194,15 +200,16 @@ def test_killed_run_resumed_ends_with_the_weights_of_an_uninterrupted_run(tiny_d
                 os.kill(proc.pid, signal.SIGKILL)
                 killed_at = (ckpt["epoch"], ckpt["batch_in_epoch"])
                 break
-        time.sleep(0.02)
+        time.sleep(0.01)
     proc.wait()
     assert killed_at is not None, f"the run ended before it could be killed: {proc.stderr.read().decode()[-500:]}"
     assert proc.returncode == -signal.SIGKILL
 
-    out = subprocess.run([*FACECORE, "train", "--config", str(cfg_file), "--resume", "--quiet"], capture_output=True, text=True)
+    out = subprocess.run([*FACECORE, "train", "--config", str(cfg_file), "--resume", "--quiet"], env=env,
+                         capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
-    (last,) = (tmp_path / "runs").rglob("last.pth")
-    resumed = load_checkpoint(last)
-    assert resumed["epoch"] == 3 and resumed["step"] == reference["step"]
-    assert_same_weights(resumed["backbone"], final_weights(reference["run_dir"]))
-    assert_same_weights(resumed["classifier"], load_checkpoint(Path(reference["run_dir"]) / "last.pth")["classifier"])
+    (last,) = (tmp_path / "killed" / "runs").rglob("last.pth")
+    resumed, uninterrupted = load_checkpoint(last), load_checkpoint(reference)
+    assert resumed["epoch"] == 3 and resumed["step"] == uninterrupted["step"] == 18
+    assert_same_weights(resumed["backbone"], uninterrupted["backbone"])
+    assert_same_weights(resumed["classifier"], uninterrupted["classifier"])
