@@ -7,7 +7,6 @@ means a bug in facecore, not a user error.
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import json
 
 import click
@@ -33,29 +32,21 @@ LAZY_COMMANDS: dict[str, str] = {
 class LazyGroup(click.Group):
     """A click group whose bigger commands are imported on first use.
 
-    A command whose module is absent is not listed; one whose import fails is listed as
-    unavailable (so ``--help`` still works) and says why when run.
+    A command whose import fails is listed as unavailable (so ``--help`` still works) and
+    says why when run.
     """
 
     def list_commands(self, ctx: click.Context) -> list[str]:
-        present = {n for n, t in LAZY_COMMANDS.items() if _module_exists(t.split(":")[0])}
-        return sorted(set(super().list_commands(ctx)) | present)
+        return sorted(set(super().list_commands(ctx)) | set(LAZY_COMMANDS))
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
-        if name in LAZY_COMMANDS and _module_exists(LAZY_COMMANDS[name].split(":")[0]):
+        if name in LAZY_COMMANDS:
             module, attr = LAZY_COMMANDS[name].split(":")
             try:
                 return getattr(importlib.import_module(module), attr)
             except Exception as exc:  # a broken command must not take the whole CLI down
                 return _unavailable(name, f"{type(exc).__name__}: {exc}")
         return super().get_command(ctx, name)
-
-
-def _module_exists(module: str) -> bool:
-    try:
-        return importlib.util.find_spec(module) is not None
-    except (ImportError, ValueError):
-        return False
 
 
 def _unavailable(name: str, reason: str) -> click.Command:
