@@ -19,7 +19,7 @@ test: install
 
 # The main job: make synthetic identities, train on CPU, evaluate on held-out identities.
 quickstart: install
-	$(BIN)/facecore demo-data $(DATA)
+	$(BIN)/facecore demo-data $(DATA) --pairs 2000
 	$(BIN)/facecore train --config configs/quickstart.yaml
 	$(BIN)/facecore eval --config configs/quickstart.yaml --checkpoint "$$(ls -t runs/quickstart/*/*/best.pth | head -n 1)"
 

@@ -113,11 +113,20 @@ def test_make_demo_data_reuses_matching_data_and_redoes_changed(tmp_path):
     assert not make_demo_data(out, seed=1, progress=False, workers=1, **SMALL)["reused"]
 
 
-def test_make_demo_data_refuses_a_foreign_folder(tmp_path):
+def test_make_demo_data_refuses_a_foreign_folder_unless_forced(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
-    with pytest.raises(DataError, match="--force"):
+    with pytest.raises(DataError, match="notes.txt.*--force"):
         make_demo_data(tmp_path, progress=False, workers=1, **SMALL)
-    assert (tmp_path / "notes.txt").read_text() == "mine"
+    make_demo_data(tmp_path, progress=False, workers=1, force=True, **SMALL)
+    assert (tmp_path / "notes.txt").read_text() == "mine" and (tmp_path / "test.bin").is_file()
+
+
+def test_make_demo_data_finishes_an_interrupted_run(tmp_path):
+    make_demo_data(tmp_path, progress=False, workers=1, **SMALL)
+    (tmp_path / "manifest.json").unlink()  # as if killed before the manifest was written
+    (tmp_path / "test.bin").unlink()
+    assert not make_demo_data(tmp_path, progress=False, workers=1, **SMALL)["reused"]
+    assert (tmp_path / "test.bin").is_file()
 
 
 def test_impossible_pair_count_is_a_config_error(tmp_path):
