@@ -373,7 +373,8 @@ class Trainer:
                    "initial_metrics": initial}
         if self.writer:
             self.writer.close()
-        self.logger.info("done: %s", {k: v for k, v in summary.items() if k != "val_metrics"})
+        self.logger.info("done: step %d, epoch %d, best mean accuracy %s, run directory %s", s.step, s.epoch,
+                         f"{s.best_accuracy:.4f}" if s.best_accuracy >= 0 else "-", self.run_dir)
         return summary
 
     def _clip_gradients(self, max_norm: float) -> None:
