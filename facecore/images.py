@@ -214,6 +214,29 @@ def load_image(x: Any, img_size: int = 112) -> torch.Tensor:
     return eval_transform(chw)
 
 
+def training_set_schema(root_description: str) -> dict:
+    """The options schema of an image training set: ``root``, ``img_size`` and ``on_bad_image``."""
+    return {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["root"],
+        "properties": {
+            "root": {"type": "string", "description": root_description},
+            "img_size": {
+                "type": "integer",
+                "minimum": 8,
+                "default": 112,
+                "description": "Height and width every image must have; another size is an error, not a resize.",
+            },
+            "on_bad_image": {
+                "enum": ["stop", "skip"],
+                "default": "stop",
+                "description": "An undecodable image stops the run, or is skipped (returned with label -1 and counted).",
+            },
+        },
+    }
+
+
 def training_item(
     data: bytes | bytearray | memoryview,
     *,

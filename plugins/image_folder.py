@@ -7,27 +7,9 @@ from torch.utils.data import Dataset
 
 from facecore import hookimpl
 from facecore.errors import DataError
-from facecore.images import list_image_folder, training_item
+from facecore.images import list_image_folder, training_item, training_set_schema
 
-SCHEMA = {
-    "type": "object",
-    "additionalProperties": False,
-    "required": ["root"],
-    "properties": {
-        "root": {"type": "string", "description": "Folder with one sub-folder of .jpg/.jpeg/.png images per identity."},
-        "img_size": {
-            "type": "integer",
-            "minimum": 8,
-            "default": 112,
-            "description": "Height and width every image must have; another size is an error, not a resize.",
-        },
-        "on_bad_image": {
-            "enum": ["stop", "skip"],
-            "default": "stop",
-            "description": "An undecodable image stops the run, or is skipped (returned with label -1 and counted).",
-        },
-    },
-}
+SCHEMA = training_set_schema("Folder with one sub-folder of .jpg/.jpeg/.png images per identity.")
 
 
 class ImageFolderDataset(Dataset):

@@ -13,28 +13,10 @@ from torch.utils.data import Dataset
 
 from facecore import hookimpl
 from facecore.errors import DataError
-from facecore.images import training_item
+from facecore.images import training_item, training_set_schema
 from facecore.recordio import RecordReader, class_label, unpack
 
-SCHEMA = {
-    "type": "object",
-    "additionalProperties": False,
-    "required": ["root"],
-    "properties": {
-        "root": {"type": "string", "description": "Folder holding train.rec, train.idx and property."},
-        "img_size": {
-            "type": "integer",
-            "minimum": 8,
-            "default": 112,
-            "description": "Height and width every image must have; another size is an error, not a resize.",
-        },
-        "on_bad_image": {
-            "enum": ["stop", "skip"],
-            "default": "stop",
-            "description": "An undecodable image stops the run, or is skipped (returned with label -1 and counted).",
-        },
-    },
-}
+SCHEMA = training_set_schema("Folder holding train.rec, train.idx and property.")
 
 
 def read_property(path: Path) -> tuple[int, int, int] | None:
