@@ -213,3 +213,14 @@ def test_killed_run_resumed_ends_with_the_weights_of_an_uninterrupted_run(tiny_d
     assert resumed["epoch"] == 3 and resumed["step"] == uninterrupted["step"] == 18
     assert_same_weights(resumed["backbone"], uninterrupted["backbone"])
     assert_same_weights(resumed["classifier"], uninterrupted["classifier"])
+
+
+def test_gradient_accumulation_steps_the_optimizer_every_n_batches(tiny_data: Path, tmp_path: Path) -> None:
+    plain = train(tiny_config(tiny_data, tmp_path / "a", training={"epochs": 1}), verbose=False)
+    accumulated = train(tiny_config(tiny_data, tmp_path / "b", training={"epochs": 1, "accumulate_steps": 2}),
+                        verbose=False)
+    assert plain["step"] == 6 and accumulated["step"] == 3  # 6 batches of 8 in an epoch
+    ckpt = load_checkpoint(Path(accumulated["run_dir"]) / "last.pth")
+    assert ckpt["scheduler"]["last_epoch"] == 3 and ckpt["batch_in_epoch"] == 0 and ckpt["epoch"] == 1
+    a, b = final_weights(plain["run_dir"]), final_weights(accumulated["run_dir"])
+    assert any(not torch.equal(a[k], b[k]) for k in a if a[k].is_floating_point())
