@@ -4,6 +4,8 @@ from either a facecore checkpoint or a bare state dict (InsightFace ``backbone.p
 from __future__ import annotations
 
 import os
+import pickle
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -42,14 +44,24 @@ def load_checkpoint(path: str | Path) -> Any:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
+    with path.open("rb") as fh:
+        head = fh.read(4)
+    if head[:4] != b"PK\x03\x04" and head[:1] != b"\x80":  # torch.save's zip format, or a legacy pickle
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint (expected a file written by torch.save)")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        if not found:
+            raise CheckpointError(f"{path} is not a readable checkpoint: its pickle data is corrupt or truncated") from None
+        raise CheckpointError(
+            f"{path} holds pickled Python objects ({found.group(1)}) besides tensors and plain containers; facecore loads "
+            "checkpoints with weights_only=True and will not run pickled code. If you trust the file, load it "
+            "yourself and save just its state_dict with torch.save"
+        ) from None
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(
-            f"{path} is not a readable checkpoint ({first}); facecore reads files written by "
-            "'facecore train' or plain state dicts, and refuses pickles with arbitrary objects"
-        ) from None
+        raise CheckpointError(f"{path} is not a readable checkpoint ({first})") from None
 
 
 def is_facecore_checkpoint(obj: Any) -> bool:

@@ -235,7 +235,7 @@ def test_eval_file_that_is_not_a_checkpoint(run_dir):
     bad.write_bytes(b"not a checkpoint at all")
     result = invoke("--checkpoint", str(bad), "--config", str(run_dir / "config.yaml"))
     assert result.exit_code != 0 and "Traceback" not in result.output
-    assert "notes.pth is not a readable checkpoint" in result.output
+    assert "notes.pth is not a PyTorch checkpoint" in result.output
 
 
 def test_eval_cuda_without_cuda(run_dir, monkeypatch):

@@ -15,7 +15,7 @@ import torch
 import yaml
 from helpers import make_tiny_data, subprocess_env
 
-from facecore import DataError, TrainingError, hookimpl
+from facecore import CheckpointError, DataError, TrainingError, hookimpl
 from facecore.checkpoint import load_checkpoint, save_checkpoint
 from facecore.config import validate_config
 from facecore.trainer import train
@@ -224,3 +224,24 @@ def test_gradient_accumulation_steps_the_optimizer_every_n_batches(tiny_data: Pa
     assert ckpt["scheduler"]["last_epoch"] == 3 and ckpt["batch_in_epoch"] == 0 and ckpt["epoch"] == 1
     a, b = final_weights(plain["run_dir"]), final_weights(accumulated["run_dir"])
     assert any(not torch.equal(a[k], b[k]) for k in a if a[k].is_floating_point())
+
+
+class _Trap:
+    """Unpickling this would create a file: a checkpoint load must refuse it without running it."""
+
+    def __init__(self, target: Path):
+        self.target = target
+
+    def __reduce__(self):
+        return (Path.touch, (self.target,))
+
+
+def test_checkpoint_with_pickled_code_is_refused_and_never_run(tmp_path: Path) -> None:
+    target = tmp_path / "pwned"
+    torch.save({"backbone": {"w": torch.ones(1)}, "trap": _Trap(target)}, tmp_path / "evil.pth")
+    with pytest.raises(CheckpointError, match=r"evil.pth holds pickled Python objects .*will not run pickled code"):
+        load_checkpoint(tmp_path / "evil.pth")
+    assert not target.exists()
+    (tmp_path / "notes.pth").write_text("seed: 1\n")
+    with pytest.raises(CheckpointError, match="not a PyTorch checkpoint"):
+        load_checkpoint(tmp_path / "notes.pth")
