@@ -103,8 +103,14 @@ class Trainer:
 
     # ----------------------------------------------------------------- assembly
     def _build(self) -> None:
+        seed_everything(self.config["seed"], self.config["deterministic"])
+        self._build_data()
+        self._build_model()
+        self._build_optimization()
+        self._build_validation()
+
+    def _build_data(self) -> None:
         cfg, info = self.config, self.info
-        seed_everything(cfg["seed"], cfg["deterministic"])
         self.dataset = build_train_dataset(cfg, train=False)  # flips happen in flip_batch
         num = int(getattr(self.dataset, "num_classes", 0))
         declared = cfg["head"]["num_classes"]
@@ -137,8 +143,11 @@ class Trainer:
             generator=torch.Generator().manual_seed(cfg["seed"]),  # keeps the global RNG untouched
         )
 
+    def _build_model(self) -> None:
         from .classifier import MarginClassifier, ShardedMarginClassifier
 
+        cfg, info = self.config, self.info
+        num = cfg["head"]["num_classes"]
         self.backbone = build_backbone(cfg).to(self.device)
         head = build_head(cfg)
         emb, rate = cfg["model"]["embedding_size"], cfg["head"]["sample_rate"]
@@ -151,17 +160,17 @@ class Trainer:
             self.classifier = MarginClassifier(emb, num, head, sample_rate=rate).to(self.device)
         if self.device.type == "cuda":
             self.backbone = self.backbone.to(memory_format=torch.channels_last)
-        if info.enabled and self.sharded:
-            ids = [self.device] if self.device.type == "cuda" else None
-            self.model_backbone = nn.parallel.DistributedDataParallel(self.backbone, device_ids=ids)
-            self.forward = lambda x, y: classify(self.classifier, self.model_backbone(x), y)
+        ids = [self.device] if self.device.type == "cuda" else None
+        if self.sharded:  # centers differ per rank: only the backbone is data-parallel
+            ddp_backbone = nn.parallel.DistributedDataParallel(self.backbone, device_ids=ids)
+            self.forward = lambda x, y: classify(self.classifier, ddp_backbone(x), y)
         else:
             model: nn.Module = ClassifierModel(self.backbone, self.classifier)
-            if info.enabled:
-                model = nn.parallel.DistributedDataParallel(model, device_ids=[self.device] if self.device.type == "cuda" else None)
-            self.forward = model
+            self.forward = nn.parallel.DistributedDataParallel(model, device_ids=ids) if info.enabled else model
         self.train_modules = [self.backbone, self.classifier]
 
+    def _build_optimization(self) -> None:
+        cfg = self.config
         t = cfg["training"]
         params = [p for m in self.train_modules for p in m.parameters() if p.requires_grad]
         if t["optimizer"] == "sgd":
@@ -176,8 +185,10 @@ class Trainer:
         self.amp_dtype = self._amp_dtype(t["amp"])
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
 
+    def _build_validation(self) -> None:
+        cfg = self.config
         self.pair_sets, self.metrics = [], []
-        if info.is_main:
+        if self.info.is_main:
             for path in pair_set_paths(cfg):
                 self.pair_sets.append((Path(path).stem, build_pair_set(cfg, path)))
             if self.pair_sets:
