@@ -1,4 +1,4 @@
-"""Helpers shared by several test modules: tiny data sets and distributions made on the fly."""
+"""Helpers shared by several test modules: tiny data sets, a tiny backbone plugin, distributions made on the fly."""
 
 from __future__ import annotations
 
@@ -6,6 +6,10 @@ import os
 import textwrap
 from pathlib import Path
 
+import torch
+from torch import nn
+
+from facecore import hookimpl
 from facecore.packing import pack_bin, pack_rec
 from facecore.synthetic import generate_identity_folder, write_pairs
 
@@ -37,3 +41,27 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     env.setdefault("OMP_NUM_THREADS", "1")  # tiny workloads: extra threads only contend with pytest's
     env.update(extra)
     return env
+
+
+class TinyNet(nn.Module):
+    """A backbone small enough for tests that only need some trained-looking network."""
+
+    def __init__(self, embedding_size: int = 8):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 4, 3, 2, 1, bias=False), nn.BatchNorm2d(4), nn.PReLU(4),
+                                  nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(64, embedding_size),
+                                  nn.BatchNorm1d(embedding_size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+class TinyBackbonePlugin:
+    """A plugin object registering :class:`TinyNet` under ``name`` (for ``register_plugin``)."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    @hookimpl
+    def register_backbones(self, register):
+        register(self.name, TinyNet, description="test backbone")

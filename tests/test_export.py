@@ -9,39 +9,19 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner
-from torch import nn
+from helpers import TinyBackbonePlugin, TinyNet
 
 import facecore
 from facecore import export as export_module
-from facecore import hookimpl
 from facecore.checkpoint import save_checkpoint
 from facecore.cli import main
 
 BACKBONE = "tiny-export-net"
 
 
-class TinyNet(nn.Module):
-    """Conv, BN, PReLU, pooling, linear and BatchNorm1d: the layer kinds of the face backbones."""
-
-    def __init__(self, embedding_size: int = 8):
-        super().__init__()
-        self.body = nn.Sequential(nn.Conv2d(3, 4, 3, 2, 1, bias=False), nn.BatchNorm2d(4), nn.PReLU(4),
-                                  nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(64, embedding_size),
-                                  nn.BatchNorm1d(embedding_size))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(x)
-
-
-class TinyPlugin:
-    @hookimpl
-    def register_backbones(self, register):
-        register(BACKBONE, TinyNet, description="test backbone")
-
-
 @pytest.fixture
 def checkpoint(register_plugin, tmp_path):
-    register_plugin(TinyPlugin(), name="tiny-export-plugin")
+    register_plugin(TinyBackbonePlugin(BACKBONE), name="tiny-export-plugin")
     config = {"device": "cpu", "model": {"backbone": BACKBONE, "embedding_size": 8},
               "head": {"type": "arcface", "num_classes": 10}, "data": {"root": str(tmp_path)}}
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))

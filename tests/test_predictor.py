@@ -9,11 +9,10 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner
+from helpers import TinyBackbonePlugin, TinyNet
 from PIL import Image
-from torch import nn
 
 import facecore
-from facecore import hookimpl
 from facecore.checkpoint import save_checkpoint
 from facecore.cli import main
 from facecore.errors import CheckpointError, FacecoreError
@@ -21,26 +20,10 @@ from facecore.errors import CheckpointError, FacecoreError
 BACKBONE = "tiny-predict-net"
 
 
-class TinyNet(nn.Module):
-    def __init__(self, embedding_size: int = 8):
-        super().__init__()
-        self.body = nn.Sequential(nn.Conv2d(3, 4, 3, 2, 1), nn.PReLU(4), nn.AdaptiveAvgPool2d(4), nn.Flatten(),
-                                  nn.Linear(64, embedding_size), nn.BatchNorm1d(embedding_size))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(x)
-
-
-class TinyPlugin:
-    @hookimpl
-    def register_backbones(self, register):
-        register(BACKBONE, TinyNet, description="test backbone")
-
-
 @pytest.fixture
 def model_dir(register_plugin, tmp_path):
     """Three PNG faces, a checkpoint with validation thresholds, one without, and the network."""
-    register_plugin(TinyPlugin(), name="tiny-predict-plugin")
+    register_plugin(TinyBackbonePlugin(BACKBONE), name="tiny-predict-plugin")
     rng = np.random.default_rng(0)
     for name in "abc":
         small = rng.integers(0, 256, size=(4, 4, 3), dtype=np.uint8)
