@@ -208,13 +208,31 @@ class Trainer:
     def _classifier_state(self) -> dict:
         return self.classifier.full_state_dict() if self.sharded else self.classifier.state_dict()
 
-    def _optimizer_state(self) -> Any:
+    def _center_state_index(self) -> int:
+        """Position of the class-center weight among the optimizer's parameters (added last)."""
+        return sum(len(g["params"]) for g in self.optimizer.param_groups) - 1
+
+    def _optimizer_state(self) -> dict:
+        """The optimizer state with the class centers' statistics as full matrices (collective when sharded),
+        so the checkpoint is the same whatever the number of ranks."""
         state = self.optimizer.state_dict()
-        if self.sharded:  # per-rank class-center shards have per-rank momentum
-            states: list = [None] * self.info.world_size
-            dist.all_gather_object(states, state)
-            return states
+        index = self._center_state_index()
+        if self.sharded and index in state["state"]:
+            center = dict(state["state"][index])  # a copy: state_dict() shares the live per-parameter dicts
+            for key in sorted(center):  # the same order on every rank: full_rows is a collective
+                value = center[key]
+                if isinstance(value, torch.Tensor) and value.shape == self.classifier.weight.shape:
+                    center[key] = self.classifier.full_rows(value)
+            state = {**state, "state": {**state["state"], index: center}}
         return state
+
+    def _load_optimizer_state(self, state: dict) -> None:
+        index = self._center_state_index()
+        if self.sharded and index in state["state"]:
+            center = {k: self.classifier.local_rows(v) if isinstance(v, torch.Tensor) and v.dim() == 2 else v
+                      for k, v in state["state"][index].items()}
+            state = {**state, "state": {**state["state"], index: center}}
+        self.optimizer.load_state_dict(state)
 
     def _save(self, name: str) -> None:
         classifier = self._classifier_state()
@@ -256,15 +274,7 @@ class Trainer:
                 self.classifier.load_state_dict(ckpt["classifier"])
         except (RuntimeError, KeyError) as exc:
             raise CheckpointError(f"{path}: the classifier does not fit this config ({str(exc).splitlines()[0]})") from None
-        opt = ckpt["optimizer"]
-        if isinstance(opt, list) and len(opt) == self.info.world_size and self.sharded:
-            opt = opt[self.info.rank]
-        elif isinstance(opt, list) or self.sharded:
-            # class centers were split differently when this was saved: their momentum restarts
-            self.logger.warning("resuming on %d process(es) from a checkpoint of %s: class-center optimizer state restarts",
-                                self.info.world_size, f"{len(opt)} shards" if isinstance(opt, list) else "one process")
-            opt = self._without_classifier_state(opt[0] if isinstance(opt, list) else opt)
-        self.optimizer.load_state_dict(opt)
+        self._load_optimizer_state(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.scaler.load_state_dict(ckpt["scaler"])
         s = self.state
@@ -273,11 +283,6 @@ class Trainer:
         if ckpt.get("world_size", 1) == self.info.world_size:
             restore_rng(ckpt["rng"])
         self.logger.info("resumed from %s at epoch %d, batch %d, step %d", path, s.epoch, s.batch_in_epoch, s.step)
-
-    def _without_classifier_state(self, opt: dict) -> dict:
-        n_cls = len([p for p in self.classifier.parameters() if p.requires_grad])
-        total = sum(len(g["params"]) for g in opt["param_groups"])
-        return {**opt, "state": {k: v for k, v in opt["state"].items() if int(k) < total - n_cls}}
 
     def _resume_path(self) -> Path | None:
         if self.resume is None:

@@ -50,7 +50,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     return data, env
 
 
-def run(tmp: Path, data: Path, env: dict, processes: int, shard: bool) -> dict:
+def run(tmp: Path, data: Path, env: dict, processes: int, shard: bool, *extra: str) -> dict:
     config = {
         "seed": 3,
         "device": "cpu",
@@ -61,11 +61,11 @@ def run(tmp: Path, data: Path, env: dict, processes: int, shard: bool) -> dict:
         "checkpoint": {"save_dir": str(tmp / "runs")},
         "logging": {"log_dir": str(tmp / "logs"), "tensorboard": False},
     }
-    tmp.mkdir(parents=True)
+    tmp.mkdir(parents=True, exist_ok=True)
     (tmp / "c.yaml").write_text(yaml.safe_dump(config))
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
     cmd = [*launcher, "-m", "facecore.cli"] if processes > 1 else [sys.executable, "-m", "facecore.cli"]
-    out = subprocess.run([*cmd, "train", "--config", str(tmp / "c.yaml"), "--quiet"], env=env,
+    out = subprocess.run([*cmd, "train", "--config", str(tmp / "c.yaml"), "--quiet", *extra], env=env,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     (last,) = (tmp / "runs").rglob("last.pth")
@@ -83,3 +83,17 @@ def test_two_processes_match_one_with_the_same_global_batch(setup, tmp_path: Pat
         assert one[part].keys() == two[part].keys()
         for key in one[part]:
             assert torch.allclose(one[part][key], two[part][key], atol=1e-5, rtol=1e-4), (part, key)
+
+
+def test_sharded_run_resumes_on_another_number_of_processes(setup, tmp_path: Path) -> None:
+    """Checkpoints hold whole center matrices and their optimizer statistics, so 2 epochs on 2
+    processes + 1 more on 1 process train what 3 epochs on 2 processes train."""
+    data, env = setup
+    straight = run(tmp_path / "straight", data, env, 2, True, "--set", "training.epochs=3")
+    two = run(tmp_path / "moved", data, env, 2, True, "--set", "training.epochs=3", "--set", "training.max_steps=6")
+    assert two["step"] == 6 and two["classifier"]["weight"].shape == (6, 16)  # saved whole, not per shard
+    one = run(tmp_path / "moved", data, env, 1, True, "--resume", "--set", "training.epochs=3")
+    assert one["epoch"] == 3 and one["step"] == straight["step"] == 9 and one["world_size"] == 1
+    for part in ("backbone", "classifier"):
+        for key in straight[part]:
+            assert torch.allclose(one[part][key], straight[part][key], atol=1e-5, rtol=1e-4), (part, key)
