@@ -97,22 +97,29 @@ def check_backbone(
             _fail(what, "in eval mode a sample's embedding depends on the rest of the batch "
                         f"(max difference {_max_diff(single, first[:1]):.3g})")
 
-        fresh = factory(embedding_size=embedding_size, **options)
-        try:
-            fresh.load_state_dict(model.state_dict(), strict=True)
-        except Exception as exc:
-            _fail(what, f"its state dict does not load into a fresh instance: {exc}")
-        fresh.eval()
-        with torch.no_grad():
-            again = fresh(x)
-        if _max_diff(again, first) > 1e-6:
-            _fail(what, f"a fresh instance with the loaded state dict gives other outputs "
-                        f"(max difference {_max_diff(again, first):.3g}); is some state kept outside the state dict?")
+        _check_round_trip(what, model, factory(embedding_size=embedding_size, **options), (x,), first)
 
         if torchscript:
             _check_trace(what, model, x, first)
         if onnx:
             _check_onnx(what, model, x, batch_size)
+
+
+def _check_round_trip(what: str, model: Any, fresh: Any, inputs: tuple, expected: Any) -> None:
+    """A fresh instance loaded with ``model``'s state dict must give ``expected`` in eval mode."""
+    import torch
+
+    try:
+        fresh.load_state_dict(model.state_dict(), strict=True)
+    except Exception as exc:
+        _fail(what, f"its state dict does not load into a fresh instance: {exc}")
+    fresh.eval()
+    with torch.no_grad():
+        again = fresh(*inputs)
+    if _max_diff(again, expected) > 1e-6:
+        _fail(what, f"a fresh instance with the loaded state dict gives other outputs (max difference "
+                    f"{_max_diff(again, expected):.3g}); is some state (e.g. running statistics) kept outside "
+                    "the state dict?")
 
 
 def _check_trace(what: str, model: Any, x: Any, expected: Any) -> None:
@@ -209,14 +216,4 @@ def check_head(factory: Callable[..., Any], *, num_classes: int = 10, batch_size
             first, second = head(cosine, labels, norms), head(cosine, labels, norms)
         if not torch.equal(first, second):
             _fail(what, "eval mode is not deterministic")
-        fresh = factory(**options)
-        try:
-            fresh.load_state_dict(head.state_dict(), strict=True)
-        except Exception as exc:
-            _fail(what, f"its state dict does not load into a fresh instance: {exc}")
-        fresh.eval()
-        with torch.no_grad():
-            again = fresh(cosine, labels, norms)
-        if _max_diff(again, first) > 1e-6:
-            _fail(what, "a fresh instance with the loaded state dict gives other logits; "
-                        "is some state (e.g. running statistics) kept outside the state dict?")
+        _check_round_trip(what, head, factory(**options), (cosine, labels, norms), first)
