@@ -373,25 +373,34 @@ class Trainer:
         initial = self.validate() if cfg["eval"]["at_start"] and s.step == 0 else {}
         stop = False
         while s.epoch < t["epochs"] and s.step < max_steps and not stop:
+            skipped_before = s.skipped_images
             stop = self._train_epoch(max_steps, batch * world, show_bar)
+            self._report_skipped(s.skipped_images - skipped_before)
             if not stop:
                 s.epoch, s.batch_in_epoch = s.epoch + 1, 0
-            end = stop or s.epoch >= t["epochs"] or s.step >= max_steps
-            stop = end
-            due = cfg["eval"]["eval_unit"] == "epoch" and (s.epoch % cfg["eval"]["eval_freq"] == 0 or end)
-            improved = self._after_validation(self.validate()) if due or (end and self.pair_sets) else False
+            stop = stop or s.epoch >= t["epochs"] or s.step >= max_steps
+            due = cfg["eval"]["eval_unit"] == "epoch" and (s.epoch % cfg["eval"]["eval_freq"] == 0 or stop)
+            improved = self._after_validation(self.validate()) if due or (stop and self.pair_sets) else False
             self._save("last.pth")
             if improved:
                 self._save("best.pth")
-        if s.skipped_images:
-            self.logger.warning("%d undecodable image(s) were skipped (data.on_bad_image: skip)", s.skipped_images)
         summary = {"run_dir": str(self.run_dir), "step": s.step, "epoch": s.epoch, "best_accuracy": s.best_accuracy, "val_metrics": s.val_metrics,
-                   "initial_metrics": initial}
+                   "initial_metrics": initial, "skipped_images": s.skipped_images}
         if self.writer:
             self.writer.close()
         self.logger.info("done: step %d, epoch %d, best mean accuracy %s, run directory %s", s.step, s.epoch,
                          f"{s.best_accuracy:.4f}" if s.best_accuracy >= 0 else "-", self.run_dir)
         return summary
+
+    def _report_skipped(self, count: int) -> None:
+        """Log the undecodable images skipped in the epoch just trained (all ranks together)."""
+        if self.info.enabled:
+            total = torch.tensor([count], device=self.device)
+            dist.all_reduce(total)
+            count = int(total.item())
+        if count:
+            self.logger.warning("epoch %d: %d undecodable image(s) were skipped (data.on_bad_image: skip)",
+                                self.state.epoch + 1, count)
 
     def _clip_gradients(self, max_norm: float) -> None:
         """Clip the global gradient norm; with sharded centers the norm covers every rank's shard."""
@@ -422,12 +431,15 @@ class Trainer:
         window_start, window_images, loss_sum, loss_n = time.perf_counter(), 0, 0.0, 0
         self.optimizer.zero_grad(set_to_none=True)
         for i, (images, labels) in enumerate(self.loader, start=s.batch_in_epoch):
+            labels = torch.as_tensor(labels)
+            keep = labels >= 0  # label -1: an image the dataset skipped (data.on_bad_image: skip)
+            skipped = int((~keep).sum())  # counted on the CPU: no device sync on the hot path
             images = images.to(self.device, non_blocking=True)
-            labels = torch.as_tensor(labels).to(self.device, non_blocking=True)
+            labels = labels.to(self.device, non_blocking=True)
             images = flip_batch(images, cfg["seed"], s.epoch, i, self.info)
-            if (labels < 0).any():  # images the dataset skipped (data.on_bad_image: skip)
-                keep = labels >= 0
-                s.skipped_images += int((~keep).sum())
+            if skipped:
+                s.skipped_images += skipped
+                keep = keep.to(self.device)
                 images, labels = images[keep], labels[keep]
             if self.device.type == "cuda":
                 images = images.contiguous(memory_format=torch.channels_last)

@@ -245,3 +245,25 @@ def test_checkpoint_with_pickled_code_is_refused_and_never_run(tmp_path: Path) -
     (tmp_path / "notes.pth").write_text("seed: 1\n")
     with pytest.raises(CheckpointError, match="not a PyTorch checkpoint"):
         load_checkpoint(tmp_path / "notes.pth")
+
+
+def test_undecodable_images_stop_the_run_or_are_skipped_and_counted(tiny_data: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from facecore.recordio import read_index
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    keys, offsets = read_index(data / "train.idx")
+    image_start = int(offsets[list(keys).index(1)]) + 8 + 24  # record header + IRHeader of key 1 (flag 0)
+    with (data / "train.rec").open("r+b") as fh:  # break the JPEG start-of-image marker
+        fh.seek(image_start)
+        fh.write(b"\0\0\0\0")
+    with pytest.raises(DataError, match=r"train.rec: record key 1 at byte offset"):
+        train(tiny_config(data, tmp_path / "stop", training={"epochs": 1}), verbose=False)
+    cfg = raw_config(data, tmp_path / "skip", training={"epochs": 2})
+    cfg["data"]["on_bad_image"] = "skip"
+    summary = train(validate_config(cfg), verbose=False)
+    assert summary["skipped_images"] == 2 and summary["step"] == 12  # once per epoch
+    log = (Path(summary["run_dir"]) / "train.log").read_text()
+    assert "epoch 1: 1 undecodable image(s) were skipped" in log and "epoch 2: 1 undecodable" in log
