@@ -1,7 +1,7 @@
 """Data-loading throughput: raw RecordIO reads, JPEG decoders, the recordio dataset, DataLoader workers, mxnet.
 
 Generates 112x112 JPEG face-sized images (cached under --data, default /tmp/facecore-bench),
-packs them with facecore.packing.pack_rec, then prints rates and the ratios the project
+packs them with facecore.data.packing.pack_rec, then prints rates and the ratios the project
 targets. With --mxnet-python (a Python that has mxnet 1.9.1, e.g. a side venv) the same
 records are read the way InsightFace's MXFaceDataset does (MXIndexedRecordIO.read_idx +
 recordio.unpack + mx.image.imdecode) in a subprocess, and reported in the same table::
@@ -32,10 +32,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from facecore import images as fimages  # noqa: E402
-from facecore.binfile import load_bin, write_bin  # noqa: E402
-from facecore.packing import pack_rec  # noqa: E402
-from facecore.recordio import RecordReader, unpack  # noqa: E402
+from facecore.data import images as fimages  # noqa: E402
+from facecore.data.binfile import load_bin, write_bin  # noqa: E402
+from facecore.data.packing import pack_rec  # noqa: E402
+from facecore.data.recordio import RecordReader, unpack  # noqa: E402
 
 IDENTITIES = 500
 

@@ -31,7 +31,7 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 
 import facecore  # noqa: E402
-from facecore.evaluation import pair_squared_distances  # noqa: E402
+from facecore.eval.evaluation import pair_squared_distances  # noqa: E402
 
 
 def reference_verification(emb: np.ndarray, issame: np.ndarray, folds: int = 10) -> dict:

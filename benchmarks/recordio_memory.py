@@ -1,7 +1,7 @@
 """Memory of a process reading a multi-GB .rec by key: RSS against bytes read, for pread and mmap.
 
 Writes a .rec of --gb gigabytes (default 3) into --dir (default /tmp), reads every record
-in random order with facecore.recordio.RecordReader, prints RSS at intervals, and deletes
+in random order with facecore.data.recordio.RecordReader, prints RSS at intervals, and deletes
 the file at the end. Usage::
 
     .venv/bin/python benchmarks/recordio_memory.py [--gb 3] [--dir /tmp] [--method pread|mmap|both]
@@ -24,7 +24,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from facecore.recordio import RecordReader, RecordWriter, pack  # noqa: E402
+from facecore.data.recordio import RecordReader, RecordWriter, pack  # noqa: E402
 
 RECORD = 60_000  # bytes of image payload per record, about a 224px JPEG
 

@@ -18,12 +18,12 @@ from pathlib import Path
 import torch
 
 import facecore
-from facecore.classifier import MarginClassifier
-from facecore.config import validate_config
-from facecore.packing import pack_rec
-from facecore.runtime import resolve_device
-from facecore.synthetic import generate_identity_folder
-from facecore.trainer import train
+from facecore.train.classifier import MarginClassifier
+from facecore.core.config import validate_config
+from facecore.data.packing import pack_rec
+from facecore.core.runtime import resolve_device
+from facecore.data.synthetic import generate_identity_folder
+from facecore.train.trainer import train
 
 CACHE = Path(tempfile.gettempdir()) / "facecore-bench-train"
 

@@ -16,7 +16,7 @@ __version__ = "0.1.0"
 
 def available(group: str) -> list[str]:
     """Names registered in a group: ``backbones``, ``heads``, ``datasets``, ``schedulers``, ``metrics``."""
-    from .plugins import registry
+    from .core.plugins import registry
 
     return registry(group).names()
 
@@ -28,9 +28,9 @@ def create(group: str, name: str, **options: Any) -> Any:
     ``optimizer, steps_per_epoch, epochs, warmup_epochs`` for schedulers) are passed through
     unvalidated. Unknown group or name: PluginError; bad options: ConfigError listing all.
     """
-    from .plugins import registry
-    from .registry import CONTEXT_ARGS, SINGULAR
-    from .validation import schema_errors
+    from .core.plugins import registry
+    from .core.registry import CONTEXT_ARGS, SINGULAR
+    from .core.validation import schema_errors
 
     reg = registry(group).get(name)
     context = {k: options.pop(k) for k in CONTEXT_ARGS[group] if k in options}
@@ -48,7 +48,7 @@ def _check_context(group: str, name: str, factory: Any, context: dict) -> None:
     """A clear TypeError when a caller forgets a context argument the factory needs."""
     import inspect
 
-    from .registry import CONTEXT_ARGS
+    from .core.registry import CONTEXT_ARGS
 
     try:
         params = inspect.signature(factory).parameters
@@ -65,14 +65,14 @@ def _check_context(group: str, name: str, factory: Any, context: dict) -> None:
 
 def load_config(path: str, overrides: tuple[str, ...] | list[str] = ()) -> dict:
     """Read, override, default-fill and validate a YAML config (raises ConfigError)."""
-    from .config import load_config as _load
+    from .core.config import load_config as _load
 
     return _load(path, overrides)
 
 
 def __getattr__(name: str) -> Any:  # torch-heavy parts load on first use
     if name == "Predictor":
-        from .predictor import Predictor
+        from .eval.predictor import Predictor
 
         return Predictor
     raise AttributeError(f"module 'facecore' has no attribute {name!r}")

@@ -13,7 +13,7 @@ import click
 
 from . import __version__
 from .commands import set_option, user_errors
-from .registry import GROUPS
+from .core.registry import GROUPS
 
 GROUP_CHOICES = list(GROUPS)
 
@@ -86,7 +86,7 @@ def list_plugins(group: str | None, as_json: bool) -> None:
       FACECORE_LOAD_PLUGINS=   none (a way out when a plugin breaks startup)
     The bundled plugins (distribution facecore) always load.
     """
-    from .plugins import broken_plugins, load_warnings, loaded_plugins, registry
+    from .core.plugins import broken_plugins, load_warnings, loaded_plugins, registry
 
     groups = [group] if group else GROUP_CHOICES
     rows = []
@@ -140,7 +140,7 @@ def validate(config_path: str, overrides: tuple[str, ...], print_config: bool) -
     and exits 2. With --print, prints the effective config: overrides applied, defaults
     filled, keys in schema order.
     """
-    from .config import dump_config, load_config
+    from .core.config import dump_config, load_config
 
     config = load_config(config_path, overrides)
     if print_config:

@@ -9,9 +9,9 @@ import torch
 from torch.utils.data import Dataset
 
 from facecore import hookimpl
-from facecore.binfile import load_bin
+from facecore.data.binfile import load_bin
 from facecore.errors import DataError
-from facecore.images import BadImageError, check_size, decode_chw, normalize
+from facecore.data.images import BadImageError, check_size, decode_chw, normalize
 
 SCHEMA = {
     "type": "object",

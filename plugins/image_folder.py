@@ -7,7 +7,7 @@ from torch.utils.data import Dataset
 
 from facecore import hookimpl
 from facecore.errors import DataError
-from facecore.images import list_image_folder, training_item, training_set_schema
+from facecore.data.images import list_image_folder, training_item, training_set_schema
 
 SCHEMA = training_set_schema("Folder with one sub-folder of .jpg/.jpeg/.png images per identity.")
 

@@ -18,7 +18,7 @@ import numpy as np
 
 from facecore import hookimpl
 from facecore.errors import ConfigError, DataError
-from facecore.evaluation import (
+from facecore.eval.evaluation import (
     RocCurve,
     equal_error_rate,
     pair_cosine,

@@ -13,8 +13,8 @@ from torch.utils.data import Dataset
 
 from facecore import hookimpl
 from facecore.errors import DataError
-from facecore.images import training_item, training_set_schema
-from facecore.recordio import RecordReader, class_label, unpack
+from facecore.data.images import training_item, training_set_schema
+from facecore.data.recordio import RecordReader, class_label, unpack
 
 SCHEMA = training_set_schema("Folder holding train.rec, train.idx and property.")
 

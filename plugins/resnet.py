@@ -1,7 +1,7 @@
 """The ``resnet50`` backbone: IR-50 of the ArcFace paper in InsightFace's ``iresnet50`` layout.
 
 Parameter names and shapes follow InsightFace's arcface_torch ``iresnet50``, so its published
-``backbone.pth`` loads with ``strict=True`` (``facecore.checkpoint.load_backbone_weights``).
+``backbone.pth`` loads with ``strict=True`` (``facecore.core.checkpoint.load_backbone_weights``).
 """
 
 from __future__ import annotations

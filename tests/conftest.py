@@ -1,6 +1,6 @@
 """Shared fixtures: in-test plugins on the global plugin manager, and guards for its state.
 
-The plugin manager (``facecore.plugins.pm``) is module-level, so a test that registers a
+The plugin manager (``facecore.core.plugins.pm``) is module-level, so a test that registers a
 plugin must unregister it: ``register_plugin`` does that in ``finally``, and an autouse
 guard fails any test that leaves a plugin behind (after removing it, so later tests are
 unaffected).
@@ -12,7 +12,7 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-from facecore import plugins
+from facecore.core import plugins
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -72,4 +72,4 @@ def _no_leaked_plugins() -> Iterator[None]:
     for _, obj in leaked:
         plugins.pm.unregister(obj)
     if leaked:
-        pytest.fail(f"test left plugins registered on facecore.plugins.pm: {[n for n, _ in leaked]}")
+        pytest.fail(f"test left plugins registered on facecore.core.plugins.pm: {[n for n, _ in leaked]}")

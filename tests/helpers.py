@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from facecore import hookimpl
-from facecore.packing import pack_bin, pack_rec
-from facecore.synthetic import generate_identity_folder, write_pairs
+from facecore.data.packing import pack_bin, pack_rec
+from facecore.data.synthetic import generate_identity_folder, write_pairs
 
 
 def make_tiny_data(root: Path, identities: int = 6, per_identity: int = 8, pairs: int = 40) -> Path:

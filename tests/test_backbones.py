@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 import facecore
-from facecore.checkpoint import load_backbone_weights
+from facecore.core.checkpoint import load_backbone_weights
 from facecore.errors import ConfigError
-from facecore.plugins import registry
+from facecore.core.plugins import registry
 from facecore.testing import check_backbone
 from facecore_plugins.fastcontextface import trunc_normal_
 

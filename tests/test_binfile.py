@@ -15,9 +15,9 @@ import torch
 from PIL import Image
 
 import facecore
-from facecore.binfile import load_bin, write_bin
+from facecore.data.binfile import load_bin, write_bin
 from facecore.errors import DataError
-from facecore.images import decode_image
+from facecore.data.images import decode_image
 from facecore_plugins.bin_pairs import BinPairsDataset
 
 

@@ -16,7 +16,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import facecore
-from facecore.classifier import (
+from facecore.train.classifier import (
     INIT_BLOCK,
     MarginClassifier,
     ShardedMarginClassifier,

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 import facecore
 from facecore import cli, hookimpl
-from facecore.config import load_config
+from facecore.core.config import load_config
 
 BACKBONE_SCHEMA = {
     "type": "object",

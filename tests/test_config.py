@@ -11,7 +11,7 @@ import yaml
 from jsonschema import Draft202012Validator
 
 from facecore import ConfigError, hookimpl
-from facecore.config import (
+from facecore.core.config import (
     apply_overrides,
     core_schema,
     dump_config,
@@ -22,7 +22,7 @@ from facecore.config import (
     spec_name_options,
     validate_config,
 )
-from facecore.plugins import registry
+from facecore.core.plugins import registry
 
 ROOT = Path(__file__).resolve().parents[1]
 

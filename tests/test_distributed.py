@@ -11,7 +11,7 @@ import torch
 import yaml
 from helpers import fake_distribution, make_tiny_data, subprocess_env
 
-from facecore.checkpoint import load_checkpoint
+from facecore.core.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.slow
 

@@ -17,10 +17,10 @@ from torch import nn
 
 import facecore
 from facecore import hookimpl
-from facecore.checkpoint import save_checkpoint
+from facecore.core.checkpoint import save_checkpoint
 from facecore.cli import main
 from facecore.errors import FacecoreError
-from facecore.evaluation import embed, evaluate_pair_set, l2_normalize, resolve_device
+from facecore.eval.evaluation import embed, evaluate_pair_set, l2_normalize, resolve_device
 
 BACKBONE = "tiny-eval-net"
 
@@ -256,8 +256,8 @@ def test_eval_missing_pair_set_and_none_configured(run_dir):
 
 # ----------------------------------------------------------------------------- ROC plot
 def test_roc_plot_axis_and_curves(tmp_path):
-    from facecore.evaluation import RocCurve
-    from facecore.roc_plot import COLORS, fpr_floor, plot_roc, thin_polyline
+    from facecore.eval.evaluation import RocCurve
+    from facecore.eval.roc_plot import COLORS, fpr_floor, plot_roc, thin_polyline
 
     # 3,000 different pairs: the finest FPR step is 1/3000, so the log axis starts at 1e-4
     fine = RocCurve(np.r_[0.0, np.arange(1, 3001) / 3000], np.r_[0.0, np.linspace(0.5, 1, 3000)], np.zeros(3001))

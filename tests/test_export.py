@@ -12,8 +12,8 @@ from click.testing import CliRunner
 from helpers import TinyBackbonePlugin, TinyNet
 
 import facecore
-from facecore import export as export_module
-from facecore.checkpoint import save_checkpoint
+from facecore.eval import export as export_module
+from facecore.core.checkpoint import save_checkpoint
 from facecore.cli import main
 
 BACKBONE = "tiny-export-net"

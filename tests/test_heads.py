@@ -12,7 +12,7 @@ from torch import nn
 
 import facecore
 from facecore.errors import ConfigError
-from facecore.plugins import registry
+from facecore.core.plugins import registry
 from facecore.testing import check_head
 
 DEG = math.pi / 180

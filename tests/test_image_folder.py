@@ -1,4 +1,4 @@
-"""The image-folder dataset and facecore.images: decoding, colour modes, transforms, load_image."""
+"""The image-folder dataset and facecore.data.images: decoding, colour modes, transforms, load_image."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 import facecore
-from facecore import images
+from facecore.data import images
 from facecore.errors import DataError
 from facecore_plugins.image_folder import ImageFolderDataset
 

@@ -15,8 +15,8 @@ from sklearn.model_selection import KFold
 
 import facecore
 from facecore.errors import ConfigError, DataError
-from facecore.evaluation import l2_normalize, roc_curve_points
-from facecore.plugins import registry
+from facecore.eval.evaluation import l2_normalize, roc_curve_points
+from facecore.core.plugins import registry
 
 METRICS = ["verification", "tar_at_far", "auc", "eer"]
 

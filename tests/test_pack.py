@@ -10,12 +10,12 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from facecore.binfile import load_bin
+from facecore.data.binfile import load_bin
 from facecore.cli import main
 from facecore.errors import DataError
-from facecore.images import decode_image
-from facecore.packing import pack_bin, pack_rec
-from facecore.recordio import RecordReader, unpack
+from facecore.data.images import decode_image
+from facecore.data.packing import pack_bin, pack_rec
+from facecore.data.recordio import RecordReader, unpack
 from facecore_plugins.recordio import RecordIODataset, read_property
 
 

@@ -14,8 +14,9 @@ import pluggy
 import pytest
 
 import facecore
-from facecore import ConfigError, PluginError, hookimpl, hookspecs, plugins
-from facecore.registry import GROUPS, Provider, Registration, contract_problems
+from facecore import ConfigError, PluginError, hookimpl, hookspecs
+from facecore.core import plugins
+from facecore.core.registry import GROUPS, Provider, Registration, contract_problems
 
 ROOT = Path(__file__).resolve().parents[1]
 

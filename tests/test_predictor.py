@@ -13,7 +13,7 @@ from helpers import TinyBackbonePlugin, TinyNet
 from PIL import Image
 
 import facecore
-from facecore.checkpoint import save_checkpoint
+from facecore.core.checkpoint import save_checkpoint
 from facecore.cli import main
 from facecore.errors import CheckpointError, FacecoreError
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from helpers import subprocess_env
 
-from facecore.checkpoint import load_checkpoint
-from facecore.synthetic import make_demo_data, raw_pixel_baseline
+from facecore.core.checkpoint import load_checkpoint
+from facecore.data.synthetic import make_demo_data, raw_pixel_baseline
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent

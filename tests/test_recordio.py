@@ -22,8 +22,8 @@ from torch.utils.data import DataLoader
 
 import facecore
 from facecore.errors import DataError
-from facecore.images import decode_image
-from facecore.recordio import MAGIC, RecordReader, RecordWriter, class_label, frame, pack, read_index, unpack
+from facecore.data.images import decode_image
+from facecore.data.recordio import MAGIC, RecordReader, RecordWriter, class_label, frame, pack, read_index, unpack
 from facecore_plugins.recordio import RecordIODataset
 
 FIXTURES = Path(__file__).parent / "fixtures"

@@ -11,7 +11,7 @@ import torch
 
 import facecore
 from facecore.errors import ConfigError
-from facecore.plugins import registry
+from facecore.core.plugins import registry
 
 BASE = 0.1
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from facecore.config import core_schema, load_config
+from facecore.core.config import core_schema, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 

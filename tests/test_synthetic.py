@@ -14,10 +14,10 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from facecore.binfile import load_bin
+from facecore.data.binfile import load_bin
 from facecore.commands.demo_data import demo_data
 from facecore.errors import ConfigError, DataError
-from facecore.synthetic import (
+from facecore.data.synthetic import (
     encode_jpeg,
     generate_identity_folder,
     make_demo_data,

@@ -282,7 +282,7 @@ def test_pip_installed_backbone_is_listed_validated_trained_and_uninstalled(tmp_
     assert trained.returncode == 0, trained.stdout + trained.stderr
     checkpoints = sorted((tmp_path / "ckpt").rglob("*.pth"))
     assert checkpoints, f"no checkpoint written:\n{trained.stdout}\n{trained.stderr}"
-    from facecore.checkpoint import load_checkpoint
+    from facecore.core.checkpoint import load_checkpoint
 
     state = load_checkpoint(max(checkpoints, key=lambda p: p.stat().st_mtime))
     assert state["config"]["model"]["backbone"] == "mobilefacenet"

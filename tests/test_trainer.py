@@ -16,9 +16,9 @@ import yaml
 from helpers import make_tiny_data, subprocess_env
 
 from facecore import CheckpointError, DataError, TrainingError, hookimpl
-from facecore.checkpoint import load_checkpoint, save_checkpoint
-from facecore.config import validate_config
-from facecore.trainer import train
+from facecore.core.checkpoint import load_checkpoint, save_checkpoint
+from facecore.core.config import validate_config
+from facecore.train.trainer import train
 
 FACECORE = [sys.executable, "-m", "facecore.cli"]
 
@@ -250,7 +250,7 @@ def test_checkpoint_with_pickled_code_is_refused_and_never_run(tmp_path: Path) -
 def test_undecodable_images_stop_the_run_or_are_skipped_and_counted(tiny_data: Path, tmp_path: Path) -> None:
     import shutil
 
-    from facecore.recordio import read_index
+    from facecore.data.recordio import read_index
 
     data = tmp_path / "data"
     shutil.copytree(tiny_data, data)

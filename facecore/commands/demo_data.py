@@ -31,7 +31,7 @@ def demo_data(out_dir: str, train_identities: int, images_per_identity: int, tes
     (held-out identities: eval.bin_file), the image folders they were packed from, and
     prints the raw-pixel verification baseline that a trained model should beat.
     """
-    from ..synthetic import make_demo_data
+    from ..data.synthetic import make_demo_data
 
     summary = make_demo_data(
         out_dir, train_identities=train_identities, images_per_identity=images_per_identity,

@@ -98,9 +98,9 @@ def eval_command(config_path: str | None, checkpoint_path: str, bins: tuple[str,
     Writes test_result_<name>_<time>.txt/.json and one ROC PNG per set into logging.log_dir,
     and adds them to TensorBoard when logging.tensorboard is on.
     """
-    from ..build import build_metrics, build_pair_set, pair_set_paths
+    from ..core.build import build_metrics, build_pair_set, pair_set_paths
     from ..errors import ConfigError, DataError
-    from ..evaluation import (
+    from ..eval.evaluation import (
         embed,
         evaluate_embeddings,
         l2_normalize,
@@ -108,7 +108,7 @@ def eval_command(config_path: str | None, checkpoint_path: str, bins: tuple[str,
         resolve_device,
         roc_curve_points,
     )
-    from ..roc_plot import plot_roc
+    from ..eval.roc_plot import plot_roc
 
     if device:
         resolve_device(device)  # a bad --device fails before the checkpoint is read

@@ -23,8 +23,8 @@ from . import set_option, user_errors
 def export(checkpoint_path: str, config_path: str | None, fmt: str, output: str, no_check: bool,
            overrides: tuple[str, ...]) -> None:
     """Export the backbone: input 'images' (N,3,H,W) in [-1,1], output 'embeddings' (N,D), batch axis dynamic."""
-    from ..evaluation import load_trained_backbone
-    from ..export import OPSET, TOLERANCE, export_backbone, onnxruntime_available
+    from ..eval.evaluation import load_trained_backbone
+    from ..eval.export import OPSET, TOLERANCE, export_backbone, onnxruntime_available
 
     backbone, config, _ = load_trained_backbone(checkpoint_path, config_path, overrides)
     diff = export_backbone(backbone, output, fmt, img_size=config["data"]["img_size"], check=not no_check)

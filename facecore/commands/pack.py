@@ -25,7 +25,7 @@ def pack() -> None:
 @user_errors
 def rec(src_dir: str, out_dir: str, quality: int, img_size: int, no_resize: bool, force: bool) -> None:
     """Pack SRC_DIR/<identity>/<image> into OUT_DIR/train.rec, train.idx, property (InsightFace layout)."""
-    from ..packing import pack_rec
+    from ..data.packing import pack_rec
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -43,7 +43,7 @@ def rec(src_dir: str, out_dir: str, quality: int, img_size: int, no_resize: bool
 @user_errors
 def bin_command(pairs_file: str, out_path: str, img_size: int, no_resize: bool, force: bool) -> None:
     """Pack the pairs in PAIRS_FILE ('path_a path_b 0|1' lines) into a .bin pair set."""
-    from ..packing import pack_bin
+    from ..data.packing import pack_bin
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

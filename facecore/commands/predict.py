@@ -28,7 +28,7 @@ from . import set_option, user_errors
 def predict(image_a: str, image_b: str, checkpoint_path: str, config_path: str | None, threshold: float | None,
             device: str | None, as_json: bool, overrides: tuple[str, ...]) -> None:
     """Compare two aligned face images (112x112; other sizes are resized with a warning)."""
-    from ..predictor import Predictor
+    from ..eval.predictor import Predictor
 
     predictor = Predictor(config_path, checkpoint_path, device=device, overrides=overrides)
     similarity = predictor.predict(image_a, image_b)

@@ -27,12 +27,12 @@ def train(config_path: str, overrides: tuple[str, ...], device: str | None, resu
     Multi-GPU or multi-node: launch the same command with torchrun, e.g.
     torchrun --nproc_per_node 8 -m facecore.cli train --config X.yaml
     """
-    from ..config import load_config
+    from ..core.config import load_config
 
     if device:
         overrides = (*overrides, f"device={device}")
     config = load_config(config_path, overrides)
-    from ..trainer import train as run_training
+    from ..train.trainer import train as run_training
 
     summary = run_training(config, resume=resume, verbose=not quiet)
     click.echo(f"run directory: {summary['run_dir']}")

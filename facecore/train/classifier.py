@@ -16,7 +16,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import CheckpointError, ConfigError, DataError
+from ..errors import CheckpointError, ConfigError, DataError
 
 INIT_STD = 0.01
 INIT_BLOCK = 4096  # the initial centers are drawn in independently seeded blocks of this many rows

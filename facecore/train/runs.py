@@ -9,8 +9,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .config import dump_config
-from .errors import CheckpointError
+from ..core.config import dump_config
+from ..errors import CheckpointError
 
 LOGGER_NAME = "facecore"
 

@@ -11,7 +11,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from .errors import FacecoreError
+from ..errors import FacecoreError
 
 # Max abs difference allowed between the export and PyTorch in fp32, per unit of output scale:
 # the limit is TOLERANCE * max(1, max |output|), since fp32 rounding grows with the values (an

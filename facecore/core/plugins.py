@@ -27,8 +27,8 @@ from typing import Any, Callable
 import pluggy
 from jsonschema import Draft202012Validator, SchemaError
 
-from . import hookspecs
-from .errors import PluginError
+from .. import hookspecs
+from ..errors import PluginError
 from .registry import GROUPS, BrokenPlugin, Provider, Registration, Registry
 
 ENTRY_POINT_GROUP = "facecore"
@@ -85,7 +85,7 @@ def _one_line(text: str) -> str:
 
 
 def _hint() -> str:
-    from . import __version__
+    from .. import __version__
 
     return (
         f"facecore {__version__} has the hooks {', '.join(f'{h}(register)' for h in HOOK_NAMES)}; "

@@ -22,12 +22,12 @@ from torch import nn
 from torch.utils.data import DataLoader, Sampler
 from torch.utils.data.distributed import DistributedSampler
 
-from . import __version__
-from .build import build_backbone, build_head, build_metrics, build_pair_set, build_scheduler, build_train_dataset, pair_set_paths
-from .checkpoint import load_checkpoint, save_checkpoint
-from .errors import CheckpointError, DataError, TrainingError
+from .. import __version__
+from ..core.build import build_backbone, build_head, build_metrics, build_pair_set, build_scheduler, build_train_dataset, pair_set_paths
+from ..core.checkpoint import load_checkpoint, save_checkpoint
+from ..errors import CheckpointError, DataError, TrainingError
 from .runs import RunWriter, new_run_dir, newest_checkpoint, setup_logging
-from .runtime import DistInfo, capture_rng, device_for, init_distributed, restore_rng, seed_everything
+from ..core.runtime import DistInfo, capture_rng, device_for, init_distributed, restore_rng, seed_everything
 
 
 class ResumableSampler(Sampler[int]):
@@ -264,7 +264,7 @@ class Trainer:
         ckpt = load_checkpoint(path)
         if not isinstance(ckpt, dict) or "optimizer" not in ckpt or "backbone" not in ckpt:
             raise CheckpointError(f"{path} is not a facecore training checkpoint (a bare backbone cannot be resumed)")
-        from .checkpoint import load_backbone_weights
+        from ..core.checkpoint import load_backbone_weights
 
         load_backbone_weights(self.backbone, ckpt, path, self.config["model"]["backbone"])
         try:
@@ -320,7 +320,7 @@ class Trainer:
         """
         import warnings
 
-        from .evaluation import evaluate_pair_set
+        from ..eval.evaluation import evaluate_pair_set
 
         results: dict[str, dict[str, float]] = {}
         if self.info.is_main and self.pair_sets:

@@ -26,7 +26,7 @@ from typing import Iterable, Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from .errors import ConfigError, DataError
+from ..errors import ConfigError, DataError
 
 GENERATOR_VERSION = 1
 TRAIN_STREAM, TEST_STREAM = 0, 1
@@ -540,7 +540,7 @@ def verification_accuracy(scores: Sequence[float], issame: Sequence[bool]) -> fl
     Each cosine score becomes a pair of unit 2-vectors with that cosine, so the metric's
     squared-distance thresholds act exactly as thresholds on the score.
     """
-    from . import create
+    from .. import create
 
     c = np.clip(np.asarray(scores, dtype=np.float64), -1.0, 1.0)
     emb = np.zeros((2 * c.size, 2))

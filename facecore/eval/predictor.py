@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .errors import CheckpointError, FacecoreError
+from ..errors import CheckpointError, FacecoreError
 from .evaluation import embed as embed_pass
 from .evaluation import l2_normalize, load_trained_backbone, resolve_device
 
@@ -80,7 +80,7 @@ class Predictor:
         self.threshold: float | None = threshold_from_checkpoint(ckpt)
 
     def _tensor(self, image: Any) -> Any:
-        from .images import load_image
+        from ..data.images import load_image
 
         return load_image(image, img_size=self.img_size)
 

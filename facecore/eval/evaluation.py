@@ -13,8 +13,8 @@ from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
 
-from . import runtime
-from .errors import CheckpointError, ConfigError, DataError
+from ..core import runtime
+from ..errors import CheckpointError, ConfigError, DataError
 
 Metric = Callable[[np.ndarray, np.ndarray], dict]
 
@@ -213,9 +213,9 @@ def load_trained_backbone(
     The config comes from ``config_path`` when given, else from the checkpoint (facecore
     checkpoints store it); a bare state dict (InsightFace ``backbone.pth``) needs a config file.
     """
-    from .build import build_backbone
-    from .checkpoint import is_facecore_checkpoint, load_backbone_weights, load_checkpoint
-    from .config import apply_overrides, load_config, validate_config
+    from ..core.build import build_backbone
+    from ..core.checkpoint import is_facecore_checkpoint, load_backbone_weights, load_checkpoint
+    from ..core.config import apply_overrides, load_config, validate_config
 
     obj = load_checkpoint(checkpoint_path)
     if config_path is not None:

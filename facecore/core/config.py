@@ -17,7 +17,7 @@ from typing import Any, Iterable
 
 import yaml
 
-from .errors import ConfigError, PluginError
+from ..errors import ConfigError, PluginError
 from .registry import CONTEXT_ARGS, SINGULAR, Registration
 from .validation import dotted, fill_defaults, schema_errors
 

@@ -15,7 +15,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .errors import DataError
+from ..errors import DataError
 
 try:  # numpy >= 2 moved the implementation; old pickles still name numpy.core
     from numpy._core.multiarray import _reconstruct as _np_reconstruct

@@ -17,7 +17,7 @@ from typing import Any, NamedTuple, Sequence, Union
 
 import numpy as np
 
-from .errors import DataError
+from ..errors import DataError
 
 MAGIC = 0xCED7230A
 _MAGIC_BYTES = struct.pack("<I", MAGIC)

@@ -7,7 +7,7 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import TrainingError
+from ..errors import TrainingError
 
 
 def resolve_device(name: str) -> Any:

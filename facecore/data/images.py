@@ -20,7 +20,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from .errors import DataError
+from ..errors import DataError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 _RGB_MODE = 3  # torchvision ImageReadMode.RGB

@@ -7,7 +7,7 @@ import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from .errors import PluginError
+from ..errors import PluginError
 
 GROUPS: tuple[str, ...] = ("backbones", "heads", "datasets", "schedulers", "metrics")
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Iterable, TypeVar
 
 from .binfile import write_bin
-from .errors import DataError
+from ..errors import DataError
 from .images import BadImageError, decode_chw, is_jpeg, list_image_folder, resize_rgb
 from .recordio import RecordWriter, pack
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from typing import Any, Callable
 
-from . import create
+from .. import create
 from .config import section_options, spec_name_options
 from .plugins import registry
 

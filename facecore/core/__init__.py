@@ -1,0 +1,1 @@
+"""Plugins, registries, config and its schema, building parts, checkpoints, devices and RNG."""

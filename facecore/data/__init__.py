@@ -1,0 +1,1 @@
+"""Data formats and tools: RecordIO, .bin pair sets, image decoding, packing, synthetic identities."""

@@ -1,0 +1,1 @@
+"""Evaluation and inference: embedding passes, metrics on pair sets, ROC plots, Predictor, export."""

@@ -1,0 +1,1 @@
+"""Training: the loop, the margin classifier, run directories and logs."""
