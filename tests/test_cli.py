@@ -161,8 +161,11 @@ def test_validate_reports_every_error_with_exit_2(config_file):
         (lambda p: p.write_text("- a\n- b\n"), "got a list"),
         (lambda p: p.write_bytes(b"\x80\x81binary"), "not a UTF-8 text file"),
         (lambda p: p.mkdir(), "is a directory"),
+        (lambda p: p.write_text("{" * 5000), "nested more than 64 levels deep"),  # the parser would recurse
+        (lambda p: p.write_text("a: " + "[" * 3000 + "]" * 3000), "nested more than 64 levels deep"),
+        (lambda p: p.write_text("a: " + "[" * 200 + "]" * 200), "nested more than 64 levels deep"),  # parses
     ],
-    ids=["missing", "yaml-syntax", "top-level-list", "binary", "directory"],
+    ids=["missing", "yaml-syntax", "top-level-list", "binary", "directory", "deep-unclosed", "deep-list", "deep-parsed"],
 )
 def test_validate_user_errors_have_no_traceback(tmp_path, setup, expected):
     path = tmp_path / "config.yaml"

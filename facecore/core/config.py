@@ -66,9 +66,43 @@ ConfigLoader.add_implicit_resolver(
 )
 
 
+MAX_DEPTH = 64  # far deeper than any config; PyYAML's parser and composer recurse per level
+
+
 def yaml_load(text: str) -> Any:
-    """Parse YAML text with :class:`ConfigLoader` (safe: plain data only)."""
-    return yaml.load(text, Loader=ConfigLoader)  # noqa: S506 - ConfigLoader is a SafeLoader
+    """Parse YAML text with :class:`ConfigLoader` (safe: plain data only).
+
+    A document nested deeper than MAX_DEPTH (``{{{{...``) is a YAMLError like any other
+    malformed text, not a RecursionError from deep inside the parser.
+    """
+    try:
+        data = yaml.load(text, Loader=ConfigLoader)  # noqa: S506 - ConfigLoader is a SafeLoader
+    except RecursionError:
+        data = None
+        depth = MAX_DEPTH + 1
+    else:
+        depth = _depth(data)
+    if depth > MAX_DEPTH:
+        raise yaml.YAMLError(f"it is nested more than {MAX_DEPTH} levels deep; a config has a few levels of sections")
+    return data
+
+
+def _depth(value: Any) -> int:
+    """Nesting depth of lists and mappings, counted without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, dict):
+            children = list(item.values())
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        deepest = max(deepest, level)
+        if level > MAX_DEPTH:
+            break
+        stack.extend((child, level + 1) for child in children)
+    return deepest
 
 
 @functools.lru_cache(maxsize=1)
