@@ -108,11 +108,30 @@ def test_pickle_that_runs_code_is_refused_and_nothing_runs(tmp_path, payload):
     assert not target.exists()
 
 
-def test_codecs_encode_is_refused(tmp_path):
-    # Python 3 protocol-2 pickles of bytes go through _codecs.encode, which can reach any codec.
+def test_python3_protocol_2_pickle_with_uint8_arrays_loads(tmp_path):
+    # Older export scripts: Python 3, protocol 2, entries as uint8 arrays; the array data and any
+    # bytes go through _codecs.encode(text, 'latin1') in such a pickle.
+    images = [jpeg(0), jpeg(1), jpeg(2), jpeg(3)]
+    entries = [np.frombuffer(images[0], np.uint8), images[1], np.frombuffer(images[2], np.uint8), images[3]]
     path = tmp_path / "p2.bin"
-    path.write_bytes(pickle.dumps(([jpeg(0), jpeg(1)], [True]), protocol=2))
-    with pytest.raises(DataError, match="_codecs.encode"):
+    path.write_bytes(pickle.dumps((entries, [True, False]), protocol=2))
+    assert b"_codecs\nencode" in path.read_bytes()
+    bins, issame = load_bin(path)
+    assert bins == images and issame.tolist() == [True, False]
+
+
+def _codecs_call(text: str, encoding: str) -> bytes:
+    """A protocol-2 pickle entry calling _codecs.encode(text, encoding)."""
+    t, e = text.encode("utf-8"), encoding.encode("utf-8")
+    return (b"c_codecs\nencode\n" + b"X" + struct.pack("<I", len(t)) + t
+            + b"X" + struct.pack("<I", len(e)) + e + b"\x86R")
+
+
+@pytest.mark.parametrize("encoding", ["rot13", "utf-8", "hex", "zlib"])
+def test_codecs_encode_with_another_codec_is_refused(tmp_path, encoding):
+    path = tmp_path / "codec.bin"
+    path.write_bytes(b"\x80\x02(" + _codecs_call("abcd", encoding) + _codecs_call("ef", "latin1") + b"l(\x88l\x86.")
+    with pytest.raises(DataError, match=rf"codec\.bin: refusing .*_codecs\.encode\(str, '{encoding}'\)"):
         load_bin(path)
 
 

@@ -1,8 +1,9 @@
 """Safe reading and writing of InsightFace ``.bin`` pair sets: a pickle of (image bytes list, issame list).
 
 A pickle can run code while it loads. The reader uses a restricted unpickler that resolves
-only the few globals these files need (numpy's uint8 array reconstruction, and bytearray
-from bytes), so any other import or call is refused before it happens.
+only the few globals these files need (numpy's uint8 array reconstruction, bytearray from
+bytes, and the latin-1 ``_codecs.encode`` that Python 3 writes for bytes at protocol 2), so any
+other import or call is refused before it happens.
 """
 
 from __future__ import annotations
@@ -58,7 +59,19 @@ def _bytearray(data: Any = b"", encoding: Any = None) -> bytearray:
     raise RefusedPickle(f"bytearray({type(data).__name__}, {encoding!r})")
 
 
+def _codecs_encode(text: Any, encoding: Any = None, errors: Any = "strict") -> bytes:
+    """``_codecs.encode`` as protocol 2 uses it for bytes (``encode(str, 'latin1')``), and nothing else.
+
+    Other codecs (rot13, zlib, hex, ...) can transform data in ways a pair set never needs.
+    """
+    encoding = _text(encoding)
+    if isinstance(text, str) and encoding in ("latin1", "latin-1") and errors == "strict":
+        return text.encode("latin-1")
+    raise RefusedPickle(f"_codecs.encode({type(text).__name__}, {encoding!r}) (only latin-1 text, as pickle writes bytes)")
+
+
 _ALLOWED = {
+    ("_codecs", "encode"): _codecs_encode,
     ("numpy.core.multiarray", "_reconstruct"): _reconstruct,
     ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
     ("numpy", "ndarray"): np.ndarray,
