@@ -72,6 +72,24 @@ def test_jpeg_decoders_agree():
     assert np.abs(fast.astype(int) - images._pil_decode(data)).max() <= 2
 
 
+def test_jpeg_decoder_falls_back_from_torchcodec_to_torchvision_to_pillow(monkeypatch):
+    assert images.JPEG_DECODER == "torchcodec"  # a declared dependency: the first choice when installed
+    data = torch.frombuffer(bytearray(encoded(rgb_array(3, size=32))), dtype=torch.uint8)
+    first = images._torch_jpeg(data)
+
+    def missing():
+        raise ImportError("not installed")
+
+    monkeypatch.setattr(images, "_torchcodec_jpeg", missing)
+    name, decode = images._probe_torch_jpeg()
+    assert name == "torchvision" and torch.equal(decode(data), first)  # the same libjpeg-turbo pixels
+    with warnings.catch_warnings(record=True) as caught:
+        decode(data)
+    assert not caught  # torchvision 0.29 warns on every call that its codecs are deprecated: silenced
+    monkeypatch.setattr(images, "_torchvision_jpeg", missing)
+    assert images._probe_torch_jpeg() == ("pillow", None)
+
+
 def test_undecodable_bytes_raise_a_data_error():
     for data in (b"", b"hello", encoded(rgb_array(0))[:60]):
         with pytest.raises(images.BadImageError) as err:

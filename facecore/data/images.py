@@ -1,15 +1,13 @@
 """Image decoding and the shared transforms: bytes -> RGB uint8 -> CHW float32 in [-1, 1].
 
-JPEG goes through libjpeg-turbo via torchvision's image op (1.4-1.9x Pillow's rate on
-112x112 faces, see benchmarks/data.md); every other format, and JPEG when that op is
-missing, goes through Pillow. Either way the result is RGB: grayscale, CMYK and alpha
+JPEG goes through libjpeg-turbo via TorchCodec's decode_jpeg (or torchvision.io's where
+TorchCodec is missing; both well above Pillow's rate on 112x112 faces, see
+benchmarks/data.md); every other format, and JPEG when neither is there, goes through Pillow. Either way the result is RGB: grayscale, CMYK and alpha
 inputs are converted.
 """
 
 from __future__ import annotations
 
-import importlib.machinery
-import importlib.util
 import io
 import os
 import random
@@ -40,49 +38,45 @@ def is_jpeg(data: bytes | bytearray | memoryview) -> bool:
     return bytes(data[:3]) == b"\xff\xd8\xff"
 
 
-def _load_image_ops() -> None:
-    """Register torchvision's image ops (torch.ops.image) without importing all of torchvision.
+def _torchcodec_jpeg() -> Callable[[torch.Tensor], torch.Tensor]:
+    from torchcodec.decoders import decode_jpeg
 
-    Importing the torchvision package also imports its models and datasets (seconds, in every
-    DataLoader worker); loading its image library alone takes milliseconds. Falls back to the
-    package import when the library file is not where it is expected.
+    return lambda t: decode_jpeg(t, mode="RGB")
+
+
+def _torchvision_jpeg() -> Callable[[torch.Tensor], torch.Tensor]:
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    # torchvision 0.29 deprecated its image codecs in favour of TorchCodec and warns on every call
+    warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
+                            category=DeprecationWarning)
+    return lambda t: decode_jpeg(t, mode=ImageReadMode.RGB)
+
+
+def _probe_torch_jpeg() -> tuple[str, Callable[[torch.Tensor], torch.Tensor] | None]:
+    """The first JPEG decoder that is installed and behaves as expected: TorchCodec, torchvision, else Pillow.
+
+    All go through public APIs. benchmarks/jpeg_decoders.py measured the choice: TorchCodec
+    imports in milliseconds where torchvision.io takes seconds (per spawned DataLoader worker)
+    and decodes 112x112 faces faster.
     """
-    if hasattr(torch.ops.image, "decode_jpeg"):
-        return
-    spec = importlib.util.find_spec("torchvision")
-    folders = list(spec.submodule_search_locations or []) if spec else []
-    for folder in folders:
-        for name in ("image_stable", "image"):
-            for suffix in (*importlib.machinery.EXTENSION_SUFFIXES, ".so", ".pyd"):
-                path = os.path.join(folder, name + suffix)
-                if os.path.isfile(path):
-                    try:
-                        torch.ops.load_library(path)
-                        return
-                    except (OSError, RuntimeError):
-                        pass
-    import torchvision.io.image  # noqa: F401  (registers torch.ops.image)
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(buf, format="JPEG")
+    probe = torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)
+    for name, make in (("torchcodec", _torchcodec_jpeg), ("torchvision", _torchvision_jpeg)):
+        try:
+            decode = make()
+            out = decode(probe)
+            if out.shape == (3, 8, 8) and out.dtype == torch.uint8:
+                return name, decode
+        except Exception:  # noqa: BLE001 - a missing or broken decoder just means the next one
+            continue
+    return "pillow", None
 
 
-def _probe_torch_jpeg() -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """torchvision's JPEG op when it is present and behaves as expected, else None (Pillow is used)."""
-    try:
-        _load_image_ops()
-        op = torch.ops.image.decode_jpeg
-        from PIL import Image
-
-        buf = io.BytesIO()
-        Image.new("RGB", (8, 8), (200, 10, 10)).save(buf, format="JPEG")
-        out = op(torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8), _RGB_MODE, False)
-        if out.shape != (3, 8, 8) or out.dtype != torch.uint8:
-            return None
-    except Exception:
-        return None
-    return lambda t: op(t, _RGB_MODE, False)
-
-
-_torch_jpeg = _probe_torch_jpeg()
-JPEG_DECODER = "torchvision" if _torch_jpeg is not None else "pillow"
+JPEG_DECODER, _torch_jpeg = _probe_torch_jpeg()
 
 
 def _pil_to_rgb_array(image: Any) -> np.ndarray:
