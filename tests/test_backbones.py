@@ -1,6 +1,6 @@
 """Bundled backbones: the facecore contract (through facecore.testing), the IR family's InsightFace
 layout and parameter counts per depth, FastContextFace's structure, and the testing helper's own
-failure reports. (MobileFaceNet and the ViTs: test_zoo.py.)"""
+failure reports. (MobileFaceNet and the ViTs: test_zoo.py; the timm bridge: test_timm_backbone.py.)"""
 
 from __future__ import annotations
 
@@ -27,11 +27,13 @@ SHALLOW = {
     "mobilefacenet": {"blocks": [2, 1, 1, 1], "scale": 1},
     "vit_t": {"depth": 1},
     "vit_s": {"depth": 1},
+    "timm": {"model_name": "test_convnext"},  # one of timm's tiny test models
 }
 # Names built by the same class as another, with the same options here: their trace and ONNX
-# export is that other's, so it is not repeated.
+# export is that other's, so it is not repeated. timm's trunks are timm's to export.
 EXPORT_CHECKED_BY = {"resnet18": "resnet50", "resnet34": "resnet50", "resnet100": "resnet50",
-                     "resnet200": "resnet50", "vit_s": "vit_t"}
+                     "resnet200": "resnet50", "vit_s": "vit_t", "timm": None}
+NEEDS = {"timm": "timm"}  # backbone -> the optional package it needs
 
 
 def factory_of(name):
@@ -44,8 +46,10 @@ def factory_of(name):
 
 @pytest.mark.parametrize("name", facecore.available("backbones"))
 def test_backbone_contract_trace_and_onnx(name):
+    if name in NEEDS:
+        pytest.importorskip(NEEDS[name], reason=f"{name} needs the optional package {NEEDS[name]}")
     export = name not in EXPORT_CHECKED_BY
-    check_backbone(factory_of(name), embedding_size=16, torchscript=export, onnx=export,
+    check_backbone(factory_of(name), embedding_size=16, torchscript=name == "timm" or export, onnx=export,
                    **SHALLOW.get(name, {}))
 
 
@@ -83,12 +87,17 @@ def test_schema_defaults_match_factory_defaults(name):
     [("resnet50", {"layers": [3, 4, 14]}), ("resnet50", {"dropout": 1.5}), ("fastcontextface", {"dims": [48, 96]}),
      ("fastcontextface", {"drop_path": -0.1}), ("resnet50", {"img_size": 112}), ("resnet100", {"layers": [0, 1, 1, 1]}),
      ("mobilefacenet", {"blocks": [1, 2, 3]}), ("mobilefacenet", {"scale": 1.5}), ("vit_t", {"mask_ratio": 1.0}),
-     ("vit_s", {"depth": 0})],
+     ("vit_s", {"depth": 0}), ("timm", {"model_name": ""}), ("timm", {"model_name": "x", "pretrained": True})],
 )
 def test_bad_options_are_config_errors(name, options):
     with pytest.raises(ConfigError) as err:
         facecore.create("backbones", name, embedding_size=8, **options)
     assert list(options)[-1] in str(err.value)
+
+
+def test_timm_backbone_needs_model_name():
+    with pytest.raises(ConfigError, match="model_name: required key is missing"):
+        facecore.create("backbones", "timm", embedding_size=8)
 
 
 @pytest.mark.parametrize("name", ["resnet50", "resnet18", "fastcontextface", "mobilefacenet", "vit_t"])
