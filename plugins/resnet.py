@@ -1,12 +1,14 @@
-"""The ``resnet50`` backbone: IR-50 of the ArcFace paper in InsightFace's ``iresnet50`` layout.
+"""The IR family of the ArcFace paper by depth: ``resnet18``, ``resnet34``, ``resnet50``, ``resnet100``, ``resnet200``.
 
-Parameter names and shapes follow InsightFace's arcface_torch ``iresnet50``, so its published
-``backbone.pth`` loads with ``strict=True`` (``facecore.core.checkpoint.load_backbone_weights``).
+One network (improved residual blocks, BN-dropout-FC-BN embedding) with the stage depths of
+InsightFace's ``iresnet18/34/50/100/200``. Parameter names and shapes follow arcface_torch's
+``iresnet``, so its published ``backbone.pth`` of the same depth loads with ``strict=True``
+(``facecore.core.checkpoint.load_backbone_weights``).
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -16,29 +18,43 @@ from facecore.errors import ConfigError
 
 INPUT_SIZE = 112  # four stride-2 stages take 112 to the 7x7 map that ``fc`` expects
 WIDTHS = (64, 128, 256, 512)
-IR50_LAYERS = [3, 4, 14, 3]
 
-SCHEMA = {
-    "type": "object",
-    "additionalProperties": False,
-    "properties": {
-        "dropout": {
-            "type": "number",
-            "minimum": 0,
-            "exclusiveMaximum": 1,
-            "default": 0.0,
-            "description": "Dropout on the flattened 512x7x7 map before the embedding layer.",
-        },
-        "layers": {
-            "type": "array",
-            "items": {"type": "integer", "minimum": 1},
-            "minItems": 4,
-            "maxItems": 4,
-            "default": IR50_LAYERS,
-            "description": "Blocks per stage; [3, 4, 14, 3] is IR-50 (smaller values give quick test variants).",
-        },
-    },
+# Blocks per stage of each registered depth (InsightFace's iresnet recipes), with the size
+# shown by ``facecore list-plugins`` (parameters at embedding 512, multiply-adds at 112x112).
+DEPTHS: dict[str, tuple[list[int], str]] = {
+    "resnet18": ([2, 2, 2, 2], "24.0M params, 2.6 GMACs"),
+    "resnet34": ([3, 4, 6, 3], "34.1M params, 4.5 GMACs"),
+    "resnet50": ([3, 4, 14, 3], "43.6M params, 6.3 GMACs"),
+    "resnet100": ([3, 13, 30, 3], "65.2M params, 12.1 GMACs"),
+    "resnet200": ([6, 26, 60, 6], "118.8M params, 23.4 GMACs"),
 }
+IR50_LAYERS = DEPTHS["resnet50"][0]
+
+
+def options_schema(layers: list[int]) -> dict:
+    """The options of one IR depth: ``layers`` defaults to that depth's stage recipe."""
+    recipe = ", ".join(map(str, layers))
+    return {
+        "type": "object",
+        "additionalProperties": False,
+        "properties": {
+            "dropout": {
+                "type": "number",
+                "minimum": 0,
+                "exclusiveMaximum": 1,
+                "default": 0.0,
+                "description": "Dropout on the flattened 512x7x7 map before the embedding layer.",
+            },
+            "layers": {
+                "type": "array",
+                "items": {"type": "integer", "minimum": 1},
+                "minItems": 4,
+                "maxItems": 4,
+                "default": list(layers),
+                "description": f"Blocks per stage; [{recipe}] is this depth (other values: custom or quick test variants).",
+            },
+        },
+    }
 
 
 class IRBlock(nn.Module):
@@ -68,8 +84,10 @@ class IRBlock(nn.Module):
 class IResNet(nn.Module):
     """IR-ResNet for 112x112 faces: stem, four stages of IRBlocks, BN-dropout-FC-BN embedding."""
 
-    def __init__(self, embedding_size: int = 512, layers: Sequence[int] = IR50_LAYERS, dropout: float = 0.0):
+    def __init__(self, embedding_size: int = 512, layers: Sequence[int] = IR50_LAYERS, dropout: float = 0.0,
+                 name: str = "resnet"):
         super().__init__()
+        self.name = name  # the registered name, for error messages
         layers = list(layers)
         if len(layers) != 4 or any(int(n) < 1 for n in layers):
             raise ConfigError([f"model.layers: need 4 positive block counts, got {layers}"])
@@ -103,7 +121,7 @@ class IResNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_tracing() and tuple(x.shape[1:]) != (3, INPUT_SIZE, INPUT_SIZE):
             raise ConfigError(
-                [f"model.backbone: resnet50 takes images of shape (N, 3, 112, 112), got {tuple(x.shape)}; "
+                [f"model.backbone: {self.name} takes images of shape (N, 3, 112, 112), got {tuple(x.shape)}; "
                  "set data.img_size: 112 (its embedding layer is sized for a 7x7 final map)"]
             )
         x = self.prelu(self.bn1(self.conv1(x)))
@@ -112,16 +130,26 @@ class IResNet(nn.Module):
         return self.features(self.fc(x))
 
 
-def resnet50(embedding_size: int = 512, layers: Sequence[int] = IR50_LAYERS, dropout: float = 0.0) -> IResNet:
-    """IR-50 (or a shallower IR variant through ``layers``) mapping (N,3,112,112) to (N, embedding_size)."""
-    return IResNet(embedding_size=embedding_size, layers=layers, dropout=dropout)
+def _factory(name: str, default_layers: list[int]) -> Callable[..., IResNet]:
+    """The factory of one registered depth: the same network, that depth's ``layers`` by default."""
+
+    def build(embedding_size: int = 512, layers: Sequence[int] = default_layers, dropout: float = 0.0) -> IResNet:
+        return IResNet(embedding_size=embedding_size, layers=layers, dropout=dropout, name=name)
+
+    build.__name__ = build.__qualname__ = name
+    build.__doc__ = f"IR-{name[6:]} (or another depth through ``layers``) mapping (N,3,112,112) to (N, embedding_size)."
+    return build
+
+
+FACTORIES = {name: _factory(name, layers) for name, (layers, _) in DEPTHS.items()}
 
 
 @hookimpl
 def register_backbones(register):
-    register(
-        "resnet50",
-        resnet50,
-        schema=SCHEMA,
-        description="IR-50 of ArcFace (43.6M params, 6.3 GMACs at 112x112); loads InsightFace iresnet50 weights",
-    )
+    for name, (layers, size) in DEPTHS.items():
+        register(
+            name,
+            FACTORIES[name],
+            schema=options_schema(layers),
+            description=f"IR-{name[6:]} of ArcFace ({size} at 112x112); loads InsightFace iresnet{name[6:]} weights",
+        )

@@ -1,5 +1,6 @@
-"""Bundled backbones: the facecore contract (through facecore.testing), IR-50's InsightFace layout
-and parameter count, FastContextFace's structure, and the testing helper's own failure reports."""
+"""Bundled backbones: the facecore contract (through facecore.testing), the IR family's InsightFace
+layout and parameter counts per depth, FastContextFace's structure, and the testing helper's own
+failure reports. (MobileFaceNet and the ViTs: test_zoo.py; the timm bridge: test_timm_backbone.py.)"""
 
 from __future__ import annotations
 
@@ -16,8 +17,23 @@ from facecore.core.plugins import registry
 from facecore.testing import check_backbone
 from facecore_plugins.fastcontextface import trunc_normal_
 
+IR_DEPTHS = {"resnet18": [2, 2, 2, 2], "resnet34": [3, 4, 6, 3], "resnet50": [3, 4, 14, 3],
+             "resnet100": [3, 13, 30, 3], "resnet200": [6, 26, 60, 6]}  # InsightFace's iresnet recipes
+
 # Shallow variants keep the contract checks fast; a backbone not listed is checked with its defaults.
-SHALLOW = {"resnet50": {"layers": [1, 1, 1, 1]}, "fastcontextface": {"depths": [1, 1, 1, 1], "dims": [16, 32, 64, 128]}}
+SHALLOW = {
+    **{name: {"layers": [1, 1, 1, 1]} for name in IR_DEPTHS},
+    "fastcontextface": {"depths": [1, 1, 1, 1], "dims": [16, 32, 64, 128]},
+    "mobilefacenet": {"blocks": [2, 1, 1, 1], "scale": 1},
+    "vit_t": {"depth": 1},
+    "vit_s": {"depth": 1},
+    "timm": {"model_name": "test_convnext"},  # one of timm's tiny test models
+}
+# Names built by the same class as another, with the same options here: their trace and ONNX
+# export is that other's, so it is not repeated. timm's trunks are timm's to export.
+EXPORT_CHECKED_BY = {"resnet18": "resnet50", "resnet34": "resnet50", "resnet100": "resnet50",
+                     "resnet200": "resnet50", "vit_s": "vit_t", "timm": None}
+NEEDS = {"timm": "timm"}  # backbone -> the optional package it needs
 
 
 def factory_of(name):
@@ -30,39 +46,66 @@ def factory_of(name):
 
 @pytest.mark.parametrize("name", facecore.available("backbones"))
 def test_backbone_contract_trace_and_onnx(name):
-    check_backbone(factory_of(name), embedding_size=16, torchscript=True, onnx=True, **SHALLOW.get(name, {}))
+    if name in NEEDS:
+        pytest.importorskip(NEEDS[name], reason=f"{name} needs the optional package {NEEDS[name]}")
+    export = name not in EXPORT_CHECKED_BY
+    check_backbone(factory_of(name), embedding_size=16, torchscript=name == "timm" or export, onnx=export,
+                   **SHALLOW.get(name, {}))
+
+
+def test_export_is_checked_for_every_backbone_class():
+    """A name skips the export checks only when another name of the same factory class runs them."""
+    for name, other in EXPORT_CHECKED_BY.items():
+        if other is None:
+            continue
+        assert other not in EXPORT_CHECKED_BY
+        with torch.device("meta"):
+            pair = [facecore.create("backbones", n, embedding_size=16, **SHALLOW[n]) for n in (name, other)]
+        assert type(pair[0]) is type(pair[1])
 
 
 @pytest.mark.parametrize("name", facecore.available("backbones"))
 def test_schema_defaults_match_factory_defaults(name):
     reg = registry("backbones").get(name)
     params = inspect.signature(reg.factory).parameters
+    required = set((reg.schema or {}).get("required", []))
     assert "embedding_size" in params, "backbones receive embedding_size from the core"
     for key, param in params.items():
         if key == "embedding_size" or param.kind in (param.VAR_KEYWORD, param.VAR_POSITIONAL):
             continue
         assert key in reg.options, f"{name}: factory argument '{key}' is not in the options schema"
-        assert reg.options[key].get("default") == param.default, f"{name}.{key}: schema and factory defaults differ"
         assert reg.options[key].get("description"), f"{name}.{key}: the option has no description"
+        if key in required:
+            assert param.default is param.empty and "default" not in reg.options[key], f"{name}.{key} is required"
+            continue
+        assert reg.options[key].get("default") == param.default, f"{name}.{key}: schema and factory defaults differ"
     assert set(reg.options) <= set(params)
 
 
 @pytest.mark.parametrize(
     "name, options",
     [("resnet50", {"layers": [3, 4, 14]}), ("resnet50", {"dropout": 1.5}), ("fastcontextface", {"dims": [48, 96]}),
-     ("fastcontextface", {"drop_path": -0.1}), ("resnet50", {"img_size": 112})],
+     ("fastcontextface", {"drop_path": -0.1}), ("resnet50", {"img_size": 112}), ("resnet100", {"layers": [0, 1, 1, 1]}),
+     ("mobilefacenet", {"blocks": [1, 2, 3]}), ("mobilefacenet", {"scale": 1.5}), ("vit_t", {"mask_ratio": 1.0}),
+     ("vit_s", {"depth": 0}), ("timm", {"model_name": ""}), ("timm", {"model_name": "x", "pretrained": True})],
 )
 def test_bad_options_are_config_errors(name, options):
     with pytest.raises(ConfigError) as err:
         facecore.create("backbones", name, embedding_size=8, **options)
-    assert next(iter(options)) in str(err.value)
+    assert list(options)[-1] in str(err.value)
 
 
-@pytest.mark.parametrize("name", ["resnet50", "fastcontextface"])
+def test_timm_backbone_needs_model_name():
+    with pytest.raises(ConfigError, match="model_name: required key is missing"):
+        facecore.create("backbones", "timm", embedding_size=8)
+
+
+@pytest.mark.parametrize("name", ["resnet50", "resnet18", "fastcontextface", "mobilefacenet", "vit_t"])
 def test_other_input_sizes_are_refused_clearly(name):
     model = facecore.create("backbones", name, embedding_size=8, **SHALLOW[name]).eval()
-    with pytest.raises(ConfigError, match="data.img_size: 112"):
+    with pytest.raises(ConfigError, match="data.img_size: 112") as err:
         model(torch.zeros(1, 3, 96, 96))
+    assert f"model.backbone: {name} takes" in str(err.value)
 
 
 # -- IR-50 -------------------------------------------------------------------------------------
@@ -135,6 +178,44 @@ def test_ir50_parameter_count(ir50):
     output = 2 * 512 + (512 * 49 * 512 + 512) + 2 * 512  # bn2, fc, features
     assert stem + stages + output == 43_590_848  # "43.6M" of the InsightFace model zoo
     assert sum(p.numel() for p in ir50.parameters()) == stem + stages + output
+
+
+# -- the IR family by depth (built on the meta device: shapes without memory or time) ----------
+def iresnet_parameter_count(layers, embedding_size):
+    """Parameters of an IR network, summed block by block from the layer recipe."""
+    total = 3 * 64 * 9 + 2 * 64 + 64  # stem conv, BN, PReLU
+    cin = 64
+    for blocks, c in zip(layers, (64, 128, 256, 512)):
+        for b in range(blocks):
+            total += 2 * cin + 9 * cin * c + 2 * c + c + 9 * c * c + 2 * c  # bn1, conv1, bn2, prelu, conv2, bn3
+            total += cin * c + 2 * c if b == 0 else 0  # projection shortcut: conv1x1 + BN
+            cin = c
+    return total + 2 * 512 + 512 * 49 * embedding_size + embedding_size + 2 * embedding_size  # bn2, fc, features
+
+
+# Parameters at embedding 512, checked against the published sizes (InsightFace's model zoo
+# lists IR-100 at 65.2M); a change here means the network no longer matches theirs.
+IR_PARAMETERS = {"resnet18": 24_025_600, "resnet34": 34_139_328, "resnet50": 43_590_848,
+                 "resnet100": 65_156_160, "resnet200": 118_833_920}
+
+
+@pytest.mark.parametrize("name", list(IR_DEPTHS))
+def test_ir_depth_matches_insightface_layout_and_size(name):
+    with torch.device("meta"):
+        model = facecore.create("backbones", name, embedding_size=512)
+    layers = IR_DEPTHS[name]
+    assert [len(getattr(model, f"layer{i}")) for i in range(1, 5)] == layers
+    expected = insightface_iresnet_layout(layers, 512)
+    assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == expected
+    assert len(expected) == sum(layers) * 18 + 4 * 6 + 7 + 5 + 2 + 5  # blocks, shortcuts, stem, bn2, fc, features
+    # a state dict with exactly the published names and shapes loads strictly (meta tensors: shapes only)
+    model.load_state_dict({k: torch.empty(s, device="meta") for k, s in expected.items()}, strict=True)
+    params = sum(p.numel() for p in model.parameters())
+    assert params == iresnet_parameter_count(layers, 512) == IR_PARAMETERS[name]
+    reg = registry("backbones").get(name)
+    assert reg.options["layers"]["default"] == layers
+    assert f"{params / 1e6:.1f}M params" in reg.description
+
 
 
 def test_ir50_fixed_feature_scale_and_full_forward(ir50):

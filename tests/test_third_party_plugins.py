@@ -2,7 +2,7 @@
 
 Broken plugins are tiny distributions made on the fly (a module and a ``*.dist-info`` folder
 on PYTHONPATH, which importlib.metadata finds like an installed package). The example
-package examples/facecore-mobilefacenet is pip-installed into a throwaway virtualenv.
+package examples/facecore-example-mobilefacenet is pip-installed into a throwaway virtualenv.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import pytest
 from helpers import fake_distribution, subprocess_env
 
 ROOT = Path(__file__).resolve().parent.parent
-EXAMPLE = ROOT / "examples" / "facecore-mobilefacenet"
+EXAMPLE = ROOT / "examples" / "facecore-example-mobilefacenet"
 
 
 def _cli(python: str | Path, *args: str, env: dict[str, str] | None = None, timeout: int = 180):
@@ -213,8 +213,8 @@ def test_pip_installed_backbone_is_listed_validated_trained_and_uninstalled(tmp_
     except metadata.PackageNotFoundError:
         pytest.skip("facecore is not installed (pip install -e .): its entry points are needed")
     try:
-        metadata.distribution("facecore-mobilefacenet")
-        pytest.skip("facecore-mobilefacenet is installed in this environment; the test must see it come and go")
+        metadata.distribution("facecore-example-mobilefacenet")
+        pytest.skip("facecore-example-mobilefacenet is installed in this environment; the test must see it come and go")
     except metadata.PackageNotFoundError:
         pass
     for needed in ("pip", "setuptools"):  # --no-build-isolation builds with what is installed
@@ -226,7 +226,7 @@ def test_pip_installed_backbone_is_listed_validated_trained_and_uninstalled(tmp_
     check = subprocess.run([str(python), "-c", "import setuptools, facecore, facecore_plugins"], capture_output=True, text=True, env=env)
     assert check.returncode == 0, f"the throwaway venv does not see our packages:\n{check.stderr}"
 
-    source = tmp_path / "facecore-mobilefacenet"  # build a copy: no build/ or egg-info in the tree
+    source = tmp_path / "facecore-example-mobilefacenet"  # build a copy: no build/ or egg-info in the tree
     shutil.copytree(EXAMPLE, source, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
     pip = [str(python), "-m", "pip", "--disable-pip-version-check"]
     install = subprocess.run(
@@ -235,28 +235,30 @@ def test_pip_installed_backbone_is_listed_validated_trained_and_uninstalled(tmp_
     )
     assert install.returncode == 0, install.stdout + install.stderr
     with pytest.raises(metadata.PackageNotFoundError):  # it went into the throwaway venv only
-        metadata.distribution("facecore-mobilefacenet")
+        metadata.distribution("facecore-example-mobilefacenet")
 
     listing = _listing(python, env)
-    rows = [c for c in listing["components"] if c["name"] == "mobilefacenet"]
+    rows = [c for c in listing["components"] if c["name"] == "example-mobilefacenet"]
     assert len(rows) == 1, listing
     assert rows[0]["group"] == "backbones"
-    assert (rows[0]["distribution"], rows[0]["version"]) == ("facecore-mobilefacenet", "0.1.0")
+    assert (rows[0]["distribution"], rows[0]["version"]) == ("facecore-example-mobilefacenet", "0.1.0")
     assert {"width_mult", "dropout"} <= set(rows[0]["options"])
-    assert not [b for b in listing["broken"] if b["distribution"] == "facecore-mobilefacenet"]
+    assert not [b for b in listing["broken"] if b["distribution"] == "facecore-example-mobilefacenet"]
+    bundled = [c["distribution"] for c in listing["components"] if c["name"] == "mobilefacenet"]
+    assert bundled == ["facecore"]  # the bundled mobilefacenet and the example install side by side
 
     faces, rec = tmp_path / "faces", tmp_path / "rec"
     _write_faces(faces)
     packed = _cli(python, "pack", "rec", str(faces), str(rec), env=env)
     assert packed.returncode == 0, packed.stdout + packed.stderr
 
-    config = tmp_path / "mobilefacenet.yaml"
+    config = tmp_path / "example-mobilefacenet.yaml"
     config.write_text(
         textwrap.dedent(
             f"""\
             seed: 0
             device: cpu
-            model: {{backbone: mobilefacenet, embedding_size: 32, width_mult: 0.25, dropout: 0.1}}
+            model: {{backbone: example-mobilefacenet, embedding_size: 32, width_mult: 0.25, dropout: 0.1}}
             head: {{type: arcface}}
             data: {{type: recordio, root: {rec}, batch_size: 4, num_workers: 0, img_size: 112}}
             training: {{epochs: 1, lr: 0.01, warmup_epochs: 0}}
@@ -285,14 +287,15 @@ def test_pip_installed_backbone_is_listed_validated_trained_and_uninstalled(tmp_
     from facecore.core.checkpoint import load_checkpoint
 
     state = load_checkpoint(max(checkpoints, key=lambda p: p.stat().st_mtime))
-    assert state["config"]["model"]["backbone"] == "mobilefacenet"
+    assert state["config"]["model"]["backbone"] == "example-mobilefacenet"
     assert state["step"] == 2
 
-    removed = subprocess.run([*pip, "uninstall", "-y", "facecore-mobilefacenet"], capture_output=True, text=True, env=env)
+    removed = subprocess.run([*pip, "uninstall", "-y", "facecore-example-mobilefacenet"], capture_output=True, text=True, env=env)
     assert removed.returncode == 0, removed.stdout + removed.stderr
     after = _listing(python, env)
-    assert "mobilefacenet" not in {c["name"] for c in after["components"]}
-    assert not [b for b in after["broken"] if b["distribution"] == "facecore-mobilefacenet"]
+    assert "example-mobilefacenet" not in {c["name"] for c in after["components"]}
+    assert "mobilefacenet" in {c["name"] for c in after["components"]}  # the bundled one stays
+    assert not [b for b in after["broken"] if b["distribution"] == "facecore-example-mobilefacenet"]
 
 
 @pytest.mark.slow

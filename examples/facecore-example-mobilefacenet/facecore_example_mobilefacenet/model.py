@@ -101,7 +101,7 @@ class MobileFaceNet(nn.Module):
     def _check_input(self, x: torch.Tensor) -> None:
         if x.dim() != 4 or x.shape[1] != 3 or tuple(x.shape[-2:]) != (INPUT_SIZE, INPUT_SIZE):
             raise DataError(
-                f"mobilefacenet expects images of shape (N, 3, {INPUT_SIZE}, {INPUT_SIZE}), got "
+                f"example-mobilefacenet expects images of shape (N, 3, {INPUT_SIZE}, {INPUT_SIZE}), got "
                 f"{tuple(x.shape)}; set data.img_size: {INPUT_SIZE} (its GDC layer is sized for a 7x7 map)"
             )
 
