@@ -25,6 +25,7 @@ from torch.utils.data.distributed import DistributedSampler
 from .. import __version__
 from ..core.build import build_backbone, build_head, build_metrics, build_pair_set, build_scheduler, build_train_dataset, pair_set_paths
 from ..core.checkpoint import load_checkpoint, save_checkpoint
+from ..data.images import model_input
 from ..errors import CheckpointError, DataError, TrainingError
 from .runs import RunWriter, new_run_dir, newest_checkpoint, setup_logging
 from ..core.runtime import DistInfo, capture_rng, device_for, init_distributed, restore_rng, seed_everything
@@ -120,6 +121,7 @@ class Trainer:
                 f"({cfg['data'].get('root')}) has {num} identities; set head.num_classes: {num} or leave it out"
             )
         cfg["head"]["num_classes"] = num
+        self.images_from = f"the {cfg['data']['type']} dataset (data.type)"  # names it in dtype errors
         batch = cfg["data"]["batch_size"]
         base = DistributedSampler(
             self.dataset, num_replicas=info.world_size, rank=info.rank, shuffle=True, seed=cfg["seed"], drop_last=True
@@ -436,6 +438,7 @@ class Trainer:
             skipped = int((~keep).sum())  # counted on the CPU: no device sync on the hot path
             images = images.to(self.device, non_blocking=True)
             labels = labels.to(self.device, non_blocking=True)
+            images = model_input(images, self.images_from)  # uint8 -> float32 in [-1, 1], on the device
             images = flip_batch(images, cfg["seed"], s.epoch, i, self.info)
             if skipped:
                 s.skipped_images += skipped
