@@ -139,6 +139,22 @@ def test_loss_window_sums_on_the_device_and_flags_non_finite_losses() -> None:
     assert window.read() == (0.0, True) and window.first_step == 9 and window.losses == 0
 
 
+def test_partial_fc_fixed_size_draw_picks_the_centers_of_the_unique_based_draw() -> None:
+    from facecore.train.classifier import MarginClassifier
+
+    classifier = MarginClassifier(4, 1000, facecore.create("heads", "cosface"), sample_rate=0.05).train()
+    for seed in range(5):
+        labels = torch.randint(0, 1000, (32,), generator=torch.Generator().manual_seed(seed))
+        labels[:4] = labels[4]  # repeated classes
+        torch.manual_seed(seed)
+        index, targets = classifier.sample_centers(labels)  # 32 labels <= 50 sampled centers: no host sync
+        torch.manual_seed(seed)
+        score = torch.rand(1000)  # the draw as it was: unique positives (a host sync), then the same top-k
+        score[torch.unique(labels)] = 2.0
+        want = torch.topk(score, 50, sorted=False).indices.sort().values
+        assert torch.equal(index, want) and torch.equal(index[targets], labels)
+
+
 def _compiler() -> str | None:
     return shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
 
