@@ -1,5 +1,9 @@
 """Data-loading throughput: raw RecordIO reads, JPEG decoders, the recordio dataset, DataLoader workers, mxnet.
 
+The dataset yields uint8 images (normalized later, on the training device); the float path it
+replaced -- normalizing to float32 in the worker, 4x the bytes through worker queues, pinned
+memory and the host-to-device copy -- is measured beside it (``FloatItems``) as "before".
+
 Generates 112x112 JPEG face-sized images (cached under --data, default /tmp/facecore-bench),
 packs them with facecore.data.packing.pack_rec, then prints rates and the ratios the project
 targets. With --mxnet-python (a Python that has mxnet 1.9.1, e.g. a side venv) the same
@@ -147,19 +151,46 @@ def clock(fn: Callable, items: list) -> Callable[[int, int], float]:
     return measure
 
 
-def bench_loaders(ds, epochs_images: int) -> dict:
+class FloatItems(torch.utils.data.Dataset):
+    """The float path the dataset had before: each item normalized to float32 in [-1, 1] in the worker."""
+
+    def __init__(self, ds):
+        self.ds = ds
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, index: int):
+        image, label = self.ds[index]
+        return fimages.normalize(image), label
+
+
+def bench_loaders(datasets: dict, epochs_images: int) -> dict:
+    """{(path, workers): images/s} of a DataLoader (batch 128) over the same random subset of each dataset."""
     from torch.utils.data import DataLoader, Subset
 
-    subset = Subset(ds, np.random.default_rng(2).permutation(len(ds))[:epochs_images].tolist())
+    order = np.random.default_rng(2).permutation(len(next(iter(datasets.values()))))[:epochs_images].tolist()
     out = {}
     for workers in (0, 1, 2):
-        loader = DataLoader(subset, batch_size=128, shuffle=True, num_workers=workers, drop_last=True)
-        it = iter(loader)
-        next(it)  # start-up (worker start) is not counted
-        start = time.perf_counter()
-        count = sum(len(labels) for _, labels in it)
-        out[f"DataLoader batch 128, num_workers={workers}"] = count / (time.perf_counter() - start)
+        for path, ds in datasets.items():
+            loader = DataLoader(Subset(ds, order), batch_size=128, shuffle=True, num_workers=workers, drop_last=True)
+            it = iter(loader)
+            next(it)  # start-up (worker start) is not counted
+            start = time.perf_counter()
+            count = sum(len(labels) for _, labels in it)
+            out[(path, workers)] = count / (time.perf_counter() - start)
     return out
+
+
+def print_loaders(loaders: dict) -> None:
+    """Loader rates, per loading process (the workers, or the main process with num_workers=0)."""
+    print("\nDataLoader, batch 128: images/s, and per loading process (num_workers, or 1 with 0 workers)")
+    print(f"  {'num_workers':>11}  {'float (before)':>15} {'uint8 (now)':>12} {'per process: float':>19} "
+          f"{'uint8':>7} {'uint8/float':>11}")
+    for workers in (0, 1, 2):
+        before, now = loaders[("float", workers)], loaders[("uint8", workers)]
+        per = max(workers, 1)
+        print(f"  {workers:>11}  {before:15.0f} {now:12.0f} {before / per:19.0f} {now / per:7.0f} {now / before:11.2f}")
 
 
 def bench_bin(payloads: list[bytes], tmp: Path) -> None:
@@ -213,6 +244,7 @@ def main() -> None:
     from facecore_plugins.recordio import RecordIODataset
 
     ds = RecordIODataset(str(rec), train=True)
+    float_ds = FloatItems(ds)
     reader = RecordReader(rec / "train.rec", rec / "train.idx")
     mm = RecordReader(rec / "train.rec", rec / "train.idx", method="mmap")
     order = np.random.default_rng(0).permutation(len(ds)).tolist()
@@ -231,7 +263,8 @@ def main() -> None:
         "raw read, mmap (random keys)": clock(mm.read, keys),
         "decode only, torchvision op (ceiling)": clock(fimages.decode_chw, payloads),
         "decode only, Pillow": clock(fimages._pil_decode, payloads),
-        "dataset[i]: read + decode + flip + normalize": clock(ds.__getitem__, order),
+        "dataset[i] uint8: read + decode + flip (now)": clock(ds.__getitem__, order),
+        "dataset[i] float: + normalize in the worker (before)": clock(float_ds.__getitem__, order),
         "InsightFace transforms alone (torchvision)": lambda s, c: clock(insightface_transform, arrays)(s % args.chunk, c),
     }
     server = None
@@ -247,20 +280,20 @@ def main() -> None:
         mx_full = rates[f"mxnet {server.version} read_idx + unpack + imdecode"]
         tf = rates["InsightFace transforms alone (torchvision)"]
         rates["MXFaceDataset item: mxnet read+decode, then transforms"] = [1 / (1 / a + 1 / b) for a, b in zip(mx_full, tf)]
-    loaders = bench_loaders(ds, min(len(ds), 10_240))
+    loaders = bench_loaders({"float": float_ds, "uint8": ds}, min(len(ds), 10_240))
 
-    width = max(map(len, list(rates) + list(loaders)))
+    width = max(map(len, rates))
     print(f"\n{'measurement':<{width}}  {'median/s':>9} {'best/s':>9}")
     for name, values in rates.items():
         print(f"{name:<{width}}  {statistics.median(values):9.0f} {max(values):9.0f}")
-    for name, value in loaders.items():
-        print(f"{name:<{width}}  {value:9.0f}")
+    print_loaders(loaders)
 
     def ratio(a: str, b: str) -> float:
         return statistics.median(x / y for x, y in zip(rates[a], rates[b]))
 
-    ours, ceiling = "dataset[i]: read + decode + flip + normalize", "decode only, torchvision op (ceiling)"
+    ours, ceiling = "dataset[i] uint8: read + decode + flip (now)", "decode only, torchvision op (ceiling)"
     print("\nratios, median of per-round ratios (targets in brackets)")
+    print(f"  dataset[i] uint8 / float (per core)         {ratio(ours, 'dataset[i] float: + normalize in the worker (before)'):5.2f}")
     print(f"  dataset[i] / bare JPEG decode               {ratio(ours, ceiling):5.2f}  [>= 0.70]")
     print(f"  raw pread reads, median                {statistics.median(rates['raw read, pread (random keys)']):8.0f}/s  "
           "[>= 100,000]")

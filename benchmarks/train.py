@@ -83,6 +83,7 @@ def bare_seconds_per_step(cfg: dict, warmup: int, steps: int) -> float:
                     torch.cuda.synchronize()
                 start = time.perf_counter()
             images, labels = images.to(device), labels.to(device)
+            images = images.float().sub_(127.5).div_(127.5)  # the dataset yields uint8
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 emb = backbone(images)
             loss = classifier(emb.float(), labels)

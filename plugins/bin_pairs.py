@@ -11,7 +11,7 @@ from torch.utils.data import Dataset
 from facecore import hookimpl
 from facecore.data.binfile import load_bin
 from facecore.errors import DataError
-from facecore.data.images import BadImageError, check_size, decode_chw, normalize
+from facecore.data.images import BadImageError, check_size, decode_chw
 
 SCHEMA = {
     "type": "object",
@@ -57,7 +57,8 @@ class BinPairsDataset(Dataset):
         return len(self.images)
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        return normalize(decode_chw(self.images[index]))
+        """Image ``index`` as (3, H, W) uint8; evaluation normalizes whole batches on its device."""
+        return decode_chw(self.images[index])
 
     @property
     def num_pairs(self) -> int:

@@ -7,13 +7,13 @@ from torch.utils.data import Dataset
 
 from facecore import hookimpl
 from facecore.errors import DataError
-from facecore.data.images import list_image_folder, training_item, training_set_schema
+from facecore.data.images import list_image_folder, skipped_placeholder, training_item, training_set_schema
 
 SCHEMA = training_set_schema("Folder with one sub-folder of .jpg/.jpeg/.png images per identity.")
 
 
 class ImageFolderDataset(Dataset):
-    """(image, label) pairs from image files; ``classes`` lists identity names in class-id order.
+    """(image, label) pairs from image files, images (3, H, W) uint8; ``classes`` lists identity names in class-id order.
 
     ``skipped`` counts images skipped in this process (``on_bad_image: skip``).
     """
@@ -42,7 +42,7 @@ class ImageFolderDataset(Dataset):
         image = training_item(data, img_size=self.img_size, train=self.train, where=str(path), skip_bad=self.skip_bad)
         if image is None:
             self.skipped += 1
-            return torch.zeros(3, self.img_size, self.img_size), -1
+            return skipped_placeholder(self.img_size), -1
         return image, label
 
 

@@ -13,7 +13,7 @@ from torch.utils.data import Dataset
 
 from facecore import hookimpl
 from facecore.errors import DataError
-from facecore.data.images import training_item, training_set_schema
+from facecore.data.images import skipped_placeholder, training_item, training_set_schema
 from facecore.data.recordio import RecordReader, class_label, unpack
 
 SCHEMA = training_set_schema("Folder holding train.rec, train.idx and property.")
@@ -41,7 +41,8 @@ def _progress(iterable, total: int, desc: str):
 
 
 class RecordIODataset(Dataset):
-    """(image, label) pairs from an indexed RecordIO set; ``num_classes`` is checked against ``property``.
+    """(image, label) pairs from an indexed RecordIO set, images (3, H, W) uint8; ``num_classes`` is checked
+    against ``property``.
 
     ``labels`` holds each image's class as the index tells it (identity ranges, or the headers
     of a plain set), e.g. for samplers; ``__getitem__`` returns the label in the image's header.
@@ -158,7 +159,7 @@ class RecordIODataset(Dataset):
                               f"{self.reader.offset(key)}")
         if image is None:
             self.skipped += 1
-            return torch.zeros(3, self.img_size, self.img_size), -1
+            return skipped_placeholder(self.img_size), -1
         return image, label
 
 

@@ -147,8 +147,8 @@ def test_folder_tree_labels_and_rgb(tmp_path):
     assert [ds[i][1] for i in range(len(ds))] == [0, 1, 1, 2, 2] == ds.labels
     for i, (path, _) in enumerate(ds.items):
         image, _ = ds[i]
-        assert image.shape == (3, 16, 16) and image.dtype == torch.float32
-        assert torch.allclose(image, images.eval_transform(images.decode_image(path.read_bytes())))
+        assert image.shape == (3, 16, 16) and image.dtype == torch.uint8
+        assert torch.allclose(images.model_input(image), images.eval_transform(images.decode_image(path.read_bytes())))
 
 
 @pytest.mark.parametrize(

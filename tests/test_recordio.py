@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 
 import facecore
 from facecore.errors import DataError
-from facecore.data.images import decode_image
+from facecore.data.images import decode_image, model_input
 from facecore.data.recordio import MAGIC, RecordReader, RecordWriter, class_label, frame, pack, read_index, unpack
 from facecore_plugins.recordio import RecordIODataset
 
@@ -116,10 +116,11 @@ def test_dataset_on_mxnet_insightface_layout():
     for i, e in enumerate(expected):
         image, label = ds[i]
         assert label == int(e["label"])
-        assert image.dtype == torch.float32 and image.shape == (3, 16, 16)
+        assert image.dtype == torch.uint8 and image.shape == (3, 16, 16)  # normalized later, on the device
         pixels = np.frombuffer(base64.b64decode(e["pixels"]), np.uint8).reshape(16, 16, 3)
+        assert torch.equal(image, torch.from_numpy(pixels.copy()).permute(2, 0, 1))
         want = (torch.from_numpy(pixels.astype(np.float32)).permute(2, 0, 1) - 127.5) / 127.5
-        assert torch.allclose(image, want, atol=1e-6)
+        assert torch.allclose(model_input(image[None])[0], want, atol=1e-6)
 
 
 def test_dataset_on_mxnet_plain_layout_with_label_arrays():

@@ -125,15 +125,24 @@ class NaNAfter:
         register("nan-after", Head, description="test head")
 
 
-def test_nan_loss_stops_naming_step_and_epoch_and_keeps_last_checkpoint(tiny_data, tmp_path, register_plugin) -> None:
-    register_plugin(NaNAfter(calls=8), name="nan-after-plugin")
-    cfg = raw_config(tiny_data, tmp_path, checkpoint={"save_dir": str(tmp_path / "runs"), "save_every_steps": 2})
+@pytest.mark.parametrize("log_every, save_every, window", [(4, 2, "between step 9 and 10"), (3, None, "between step 7 and 9")],
+                         ids=["read-before-a-checkpoint", "read-at-a-log-line"])
+def test_nan_loss_stops_naming_the_step_window_and_keeps_last_checkpoint(tiny_data, tmp_path, register_plugin,
+                                                                         log_every, save_every, window) -> None:
+    register_plugin(NaNAfter(calls=8), name="nan-after-plugin")  # the loss is NaN from step 9 (epoch 2) on
+    cfg = raw_config(tiny_data, tmp_path, checkpoint={"save_dir": str(tmp_path / "runs"), "save_every_steps": save_every})
+    cfg["training"]["log_every"] = log_every
     cfg = validate_config({**cfg, "head": {"type": "nan-after"}})
-    with pytest.raises(TrainingError, match=r"at epoch 2, step 9"):
+    with pytest.raises(TrainingError, match=rf"the loss became nan {window} \(epoch 2\); stopped without saving"):
         train(cfg, verbose=False)
     (last,) = (tmp_path / "runs").rglob("last.pth")
-    assert load_checkpoint(last)["step"] == 8  # written at the end of epoch 1, never with NaN weights
-    assert all(torch.isfinite(v).all() for v in load_checkpoint(last)["backbone"].values() if v.is_floating_point())
+    saved = load_checkpoint(last)
+    assert saved["step"] == (8 if save_every else 6)  # the last save before step 9, never one with NaN weights
+    ref = validate_config({**cfg, "training": {**cfg["training"], "max_steps": saved["step"]},
+                           "checkpoint": {**cfg["checkpoint"], "save_dir": str(tmp_path / "ref")}})
+    train(ref, verbose=False)  # the same head never reaches a NaN in fewer steps
+    (good,) = (tmp_path / "ref").rglob("last.pth")
+    assert_same_weights(saved["backbone"], load_checkpoint(good)["backbone"])
 
 
 def test_checkpoint_save_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

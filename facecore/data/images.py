@@ -1,4 +1,8 @@
-"""Image decoding and the shared transforms: bytes -> RGB uint8 -> CHW float32 in [-1, 1].
+"""Image decoding and the shared transforms: bytes -> RGB uint8 CHW -> float32 in [-1, 1].
+
+Training and pair-set datasets yield uint8 (3, H, W) images; they travel as uint8 (a quarter
+of the bytes through worker queues, pinned memory and the host-to-device copy) and
+:func:`model_input` makes them float on the device the model runs on.
 
 JPEG goes through libjpeg-turbo via TorchCodec's decode_jpeg (or torchvision.io's where
 TorchCodec is missing; both well above Pillow's rate on 112x112 faces, see
@@ -122,10 +126,24 @@ def decode_image(data: bytes | bytearray | memoryview) -> np.ndarray:
 
 
 def normalize(chw: torch.Tensor, flip: bool = False) -> torch.Tensor:
-    """(3, H, W) uint8 -> float32 (x - 127.5) / 127.5 in [-1, 1], optionally mirrored left-right."""
+    """(..., 3, H, W) uint8 -> float32 (x - 127.5) / 127.5 in [-1, 1] on the same device, optionally mirrored."""
     if flip:
-        chw = chw.flip(2)
+        chw = chw.flip(-1)
     return torch.add(_MINUS_ONE, chw, alpha=_SCALE)
+
+
+def model_input(images: torch.Tensor, source: str = "the dataset") -> torch.Tensor:
+    """A batch as backbones take it: float32 in [-1, 1], on the device ``images`` are on.
+
+    uint8 images (what the bundled datasets yield) are normalized here with :func:`normalize`'s
+    arithmetic; floating-point images (a dataset that normalizes itself) are taken as already in
+    [-1, 1]. ``source`` names where the images came from in the error for any other dtype.
+    """
+    if images.dtype == torch.uint8:
+        return normalize(images)
+    if images.is_floating_point():
+        return images.float()
+    raise DataError(f"{source} yields {images.dtype} images; images must be uint8 (0-255) or float in [-1, 1]")
 
 
 def _hwc_to_chw(image: np.ndarray) -> torch.Tensor:
@@ -239,7 +257,10 @@ def training_item(
     where: str | Callable[[], str],
     skip_bad: bool,
 ) -> torch.Tensor | None:
-    """Decode, size-check and transform one training image; None when it is undecodable and ``skip_bad``.
+    """Decode and size-check one training image: (3, H, W) uint8, mirrored at random when ``train``.
+
+    None when it is undecodable and ``skip_bad``. Normalizing to float waits for the device
+    (:func:`model_input`), so batches cross process and device boundaries as uint8.
 
     ``where`` (a string, or a callable made into one only on error) names the file / record
     for the error messages. A size mismatch always raises.
@@ -255,7 +276,12 @@ def training_item(
     if problem is not None:
         place = where() if callable(where) else where
         raise DataError(f"{place}: {problem}; re-pack the data at that size or set data.img_size")
-    return normalize(chw, flip=train and random.random() < 0.5)
+    return chw.flip(2) if train and random.random() < 0.5 else chw
+
+
+def skipped_placeholder(img_size: int) -> torch.Tensor:
+    """The image a dataset returns (with label -1) in place of one it skipped: uint8 zeros."""
+    return torch.zeros(3, img_size, img_size, dtype=torch.uint8)
 
 
 def list_image_folder(root: str | os.PathLike) -> tuple[list[str], list[tuple[Path, int]]]:

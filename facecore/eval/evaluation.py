@@ -133,6 +133,7 @@ def embed(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Embeddings (N, D) float32 of every image of ``dataset`` and of its horizontal mirror, in order.
 
+    Images may be uint8 (normalized on ``device``) or float in [-1, 1].
     The backbone must already be on ``device``; it runs in eval mode under no_grad and gets its
     previous train/eval mode back afterwards (the trainer calls this mid-training).
     """
@@ -140,7 +141,10 @@ def embed(
     from torch.utils.data import DataLoader
     from tqdm import tqdm
 
+    from ..data.images import model_input
+
     device = torch.device(device)
+    source = f"the pair set '{getattr(dataset, 'name', None) or type(dataset).__name__}'"
     loader = DataLoader(
         dataset,
         batch_size=batch_size,
@@ -157,7 +161,7 @@ def embed(
         with torch.no_grad():
             for batch in loader:
                 images = batch[0] if isinstance(batch, (list, tuple)) else batch
-                images = images.to(device, non_blocking=True).float()
+                images = model_input(images.to(device, non_blocking=True), source)  # uint8 is normalized here
                 both = backbone(torch.cat([images, torch.flip(images, dims=[3])]))
                 both = both.float().cpu().numpy()
                 plain.append(both[: len(images)])

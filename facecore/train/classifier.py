@@ -42,6 +42,23 @@ def init_centers(start: int, count: int, embedding_size: int, seed: int) -> torc
     return out
 
 
+def check_labels(labels: torch.Tensor, num_classes: int) -> None:
+    """Raise DataError unless ``labels`` are integers in [0, num_classes).
+
+    Reads the labels: on a GPU that is a host sync, so the trainer calls this on the host copy.
+    """
+    if labels.numel() and (labels.is_floating_point() or labels.is_complex()):
+        raise DataError(f"labels must be integers, got {labels.dtype}")
+    if labels.numel():
+        lo, hi = (int(v) for v in torch.aminmax(labels))
+        if lo < 0 or hi >= num_classes:
+            bad = lo if lo < 0 else hi
+            raise DataError(
+                f"label {bad} is outside [0, {num_classes}): head.num_classes is {num_classes}; "
+                "set it to the dataset's number of identities (or null to take it from the dataset)"
+            )
+
+
 def _draw_seed() -> int:
     """A seed for the centers taken from torch's global RNG, so ``seed`` in the config governs it."""
     return int(torch.randint(0, 2**62, (1,)).item())
@@ -66,6 +83,8 @@ class _CenterClassifier(nn.Module):
         self.class_start, self.num_local = class_start, num_local
         self.weight = nn.Parameter(init_centers(class_start, num_local, embedding_size, seed))
         self.head = head
+        # reading label values is a host sync on a GPU; the trainer turns this off and checks them on the host
+        self.checks_labels = True
 
     def _check_shape(self, embeddings: torch.Tensor) -> None:
         if embeddings.dim() != 2 or embeddings.shape[1] != self.embedding_size:
@@ -79,33 +98,35 @@ class _CenterClassifier(nn.Module):
                             f"(labels shape {tuple(labels.shape)})")
         if labels.numel() and (labels.is_floating_point() or labels.is_complex()):
             raise DataError(f"labels must be integers, got {labels.dtype}")
-        if labels.numel():
-            lo, hi = (int(v) for v in torch.aminmax(labels))
-            if lo < 0 or hi >= self.num_classes:
-                bad = lo if lo < 0 else hi
-                raise DataError(
-                    f"label {bad} is outside [0, {self.num_classes}): head.num_classes is {self.num_classes}; "
-                    "set it to the dataset's number of identities (or null to take it from the dataset)"
-                )
+        if self.checks_labels:
+            check_labels(labels, self.num_classes)
 
     def sample_centers(self, labels: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
         """(index of the local centers used, or None for all; each label's column in them, -1 if not local).
 
         Partial FC: in training mode with ``sample_rate < 1`` every local positive center is kept and
-        random negatives fill up to ``ceil(sample_rate * num_local)`` centers.
+        random negatives fill up to ``ceil(sample_rate * num_local)`` centers. When the batch has no
+        more labels than that, the draw has a fixed size and never waits for the device; otherwise
+        (tiny class counts) the number of distinct positives decides it, which reads them.
         """
         local = labels.reshape(-1).long() - self.class_start
         local = torch.where((local >= 0) & (local < self.num_local), local, torch.full_like(local, -1))
         if not self.training or self.sample_rate >= 1.0:
             return None, local
         num_sample = min(self.num_local, max(1, math.ceil(self.sample_rate * self.num_local)))
-        positive = torch.unique(local[local >= 0])
-        if positive.numel() >= num_sample:
-            index = positive
+        if local.numel() <= num_sample:  # every positive fits: no host sync
+            positive = torch.zeros(self.num_local + 1, dtype=torch.bool, device=local.device)
+            positive[torch.where(local >= 0, local, self.num_local)] = True  # rows not held here mark the spare slot
+            score = torch.rand(self.num_local, device=local.device).masked_fill_(positive[:-1], 2.0)
+            index = torch.topk(score, num_sample, sorted=False).indices.sort().values  # 2.0: positives always win
         else:
-            score = torch.rand(self.num_local, device=local.device)
-            score[positive] = 2.0  # above any uniform draw: positives always win
-            index = torch.topk(score, num_sample, sorted=False).indices.sort().values
+            positive = torch.unique(local[local >= 0])
+            if positive.numel() >= num_sample:
+                index = positive
+            else:
+                score = torch.rand(self.num_local, device=local.device)
+                score[positive] = 2.0  # above any uniform draw: positives always win
+                index = torch.topk(score, num_sample, sorted=False).indices.sort().values
         targets = torch.searchsorted(index, local.clamp(min=0))
         return index, torch.where(local >= 0, targets, torch.full_like(targets, -1))
 
@@ -211,6 +232,12 @@ class ShardedMarginClassifier(_CenterClassifier):
         super().__init__(embedding_size, num_classes, head, sample_rate, start, count, seed)
         self.group, self.world_size, self.rank = group, self_world, self_rank
         self.ddp_backbone = bool(ddp_backbone)
+        # the ranks' batch sizes are host numbers: exchanging them over gloo on the CPU keeps the host
+        # from waiting for the device, as reading an NCCL result would (a collective call: all ranks build it)
+        self.size_group = group
+        if self_world > 1 and dist.get_backend(group) != "gloo":
+            ranks = dist.get_process_group_ranks(group) if group is not None else None
+            self.size_group = dist.new_group(ranks=ranks, backend="gloo")
 
     def forward(self, local_embeddings: torch.Tensor, local_labels: torch.Tensor) -> torch.Tensor:
         if self.world_size == 1:
@@ -220,7 +247,7 @@ class ShardedMarginClassifier(_CenterClassifier):
         self._check_shape(local_embeddings)  # the same model on every rank: all raise or none
         if local_labels.numel() != local_embeddings.shape[0]:
             raise DataError(f"rank {self.rank}: {local_labels.numel()} labels for {local_embeddings.shape[0]} embeddings")
-        sizes = _gather_sizes(local_embeddings.shape[0], local_embeddings.device, self.group)
+        sizes = _gather_sizes(local_embeddings.shape[0], torch.device("cpu"), self.size_group)
         scale = float(self.world_size) if self.ddp_backbone else 1.0
         embeddings = _GatherRows.apply(local_embeddings, sizes, self.group, scale)
         labels = _gather_padded(local_labels.reshape(-1).long().to(local_embeddings.device), sizes, self.group)
@@ -315,7 +342,6 @@ class _DistCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         prob, targets = ctx.saved_tensors
-        rows = (targets >= 0).nonzero().squeeze(1)
-        grad_logits = prob.clone()
-        grad_logits[rows, targets[rows]] -= 1.0
+        owned = (targets >= 0).unsqueeze(1).to(prob.dtype)  # subtract 1 at each owned target, 0 elsewhere: no sync
+        grad_logits = prob.clone().scatter_add_(1, targets.clamp(min=0).unsqueeze(1), -owned)
         return grad_logits.mul_(grad / prob.shape[0]), None, None

@@ -25,7 +25,10 @@ from torch.utils.data.distributed import DistributedSampler
 from .. import __version__
 from ..core.build import build_backbone, build_head, build_metrics, build_pair_set, build_scheduler, build_train_dataset, pair_set_paths
 from ..core.checkpoint import load_checkpoint, save_checkpoint
+from ..data.images import model_input
 from ..errors import CheckpointError, DataError, TrainingError
+from .classifier import check_labels
+from .loss_window import LossWindow
 from .runs import RunWriter, new_run_dir, newest_checkpoint, setup_logging
 from ..core.runtime import DistInfo, capture_rng, device_for, init_distributed, restore_rng, seed_everything
 
@@ -73,7 +76,7 @@ def flip_batch(images: torch.Tensor, seed: int, epoch: int, batch: int, info: Di
     gen = torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 1_000_003 + batch)
     n = images.shape[0]
     mask = torch.rand(n * info.world_size, generator=gen) < 0.5
-    mask = mask[info.rank :: info.world_size][:n].to(images.device)
+    mask = mask[info.rank :: info.world_size][:n].to(images.device, non_blocking=True)  # a blocking copy would sync
     return torch.where(mask[:, None, None, None], images.flip(3), images)
 
 
@@ -120,6 +123,7 @@ class Trainer:
                 f"({cfg['data'].get('root')}) has {num} identities; set head.num_classes: {num} or leave it out"
             )
         cfg["head"]["num_classes"] = num
+        self.images_from = f"the {cfg['data']['type']} dataset (data.type)"  # names it in dtype errors
         batch = cfg["data"]["batch_size"]
         base = DistributedSampler(
             self.dataset, num_replicas=info.world_size, rank=info.rank, shuffle=True, seed=cfg["seed"], drop_last=True
@@ -158,16 +162,29 @@ class Trainer:
             self.classifier = ShardedMarginClassifier(emb, num, head, sample_rate=rate, ddp_backbone=True).to(self.device)
         else:
             self.classifier = MarginClassifier(emb, num, head, sample_rate=rate).to(self.device)
+        self.classifier.checks_labels = False  # the loop checks them on the host, where reading them is free
         if self.device.type == "cuda":
             self.backbone = self.backbone.to(memory_format=torch.channels_last)
+        # the compiled wrapper runs the training forward; self.backbone stays the plain module, so
+        # checkpoints have no "_orig_mod." prefixes and validation does not compile another graph
+        net = self._compile(self.backbone) if cfg["training"]["compile"] else self.backbone
         ids = [self.device] if self.device.type == "cuda" else None
         if self.sharded:  # centers differ per rank: only the backbone is data-parallel
-            ddp_backbone = nn.parallel.DistributedDataParallel(self.backbone, device_ids=ids)
+            ddp_backbone = nn.parallel.DistributedDataParallel(net, device_ids=ids)
             self.forward = lambda x, y: classify(self.classifier, ddp_backbone(x), y)
         else:
-            model: nn.Module = ClassifierModel(self.backbone, self.classifier)
+            model: nn.Module = ClassifierModel(net, self.classifier)
             self.forward = nn.parallel.DistributedDataParallel(model, device_ids=ids) if info.enabled else model
         self.train_modules = [self.backbone, self.classifier]
+
+    @staticmethod
+    def _compile(backbone: nn.Module) -> nn.Module:
+        """``torch.compile(backbone)``; a clear TrainingError where torch.compile is not supported."""
+        try:
+            return torch.compile(backbone)
+        except RuntimeError as exc:  # e.g. a Python version this torch's compiler does not support
+            raise TrainingError(f"training.compile: torch.compile is not available here ({exc}); "
+                                "set training.compile: false") from None
 
     def _build_optimization(self) -> None:
         cfg = self.config
@@ -195,14 +212,23 @@ class Trainer:
                 self.metrics = build_metrics(cfg)
 
     def _amp_dtype(self, amp: Any) -> torch.dtype | None:
+        """The autocast dtype for ``training.amp`` on this device, or None for float32.
+
+        CUDA: bf16 or fp16 (``true`` takes bf16 where the GPU has it). CPU: ``bf16`` autocasts (so
+        the AMP path runs anywhere); ``true`` and ``fp16`` fall back to float32 with a warning, as
+        fp16 on the CPU is slower than float32 and would need a grad scaler.
+        """
         if not amp:
             return None
-        if self.device.type != "cuda":
-            self.logger.warning("training.amp is set but the device is %s: training in float32", self.device)
-            return None
-        if amp == "fp16" or (amp is True and not torch.cuda.is_bf16_supported()):
-            return torch.float16
-        return torch.bfloat16
+        if self.device.type == "cuda":
+            if amp == "fp16" or (amp is True and not torch.cuda.is_bf16_supported()):
+                return torch.float16
+            return torch.bfloat16
+        if self.device.type == "cpu" and amp == "bf16":
+            return torch.bfloat16
+        self.logger.warning("training.amp: %s needs CUDA (the CPU autocasts only with training.amp: bf16): "
+                            "training in float32 on %s", amp, self.device)
+        return None
 
     # ----------------------------------------------------------------- checkpoints
     def _classifier_state(self) -> dict:
@@ -418,7 +444,12 @@ class Trainer:
             g.mul_(scale.to(g.dtype))
 
     def _train_epoch(self, max_steps: float, global_batch: int, show_bar: bool) -> bool:
-        """Train the rest of the current epoch; True when max_steps stopped it early."""
+        """Train the rest of the current epoch; True when max_steps stopped it early.
+
+        The host never waits for the device inside a log window: batches arrive as uint8 and are
+        normalized on the device, labels are checked on the host, and the loss stays on the device
+        (``self.window``) until the window is read every ``training.log_every`` steps.
+        """
         from tqdm import tqdm
 
         cfg, s = self.config, self.state
@@ -428,32 +459,26 @@ class Trainer:
         self.sampler.set_epoch(s.epoch, s.batch_in_epoch)
         bar = tqdm(total=self.steps_per_epoch_batches, initial=s.batch_in_epoch, desc=f"epoch {s.epoch + 1}/{t['epochs']}",
                    disable=not show_bar, leave=False, dynamic_ncols=True)
-        window_start, window_images, loss_sum, loss_n = time.perf_counter(), 0, 0.0, 0
+        self.window = LossWindow(self.device, s.step + 1)
         self.optimizer.zero_grad(set_to_none=True)
         for i, (images, labels) in enumerate(self.loader, start=s.batch_in_epoch):
             labels = torch.as_tensor(labels)
             keep = labels >= 0  # label -1: an image the dataset skipped (data.on_bad_image: skip)
             skipped = int((~keep).sum())  # counted on the CPU: no device sync on the hot path
+            check_labels(labels[keep] if skipped else labels, self.classifier.num_classes)
             images = images.to(self.device, non_blocking=True)
             labels = labels.to(self.device, non_blocking=True)
+            images = model_input(images, self.images_from)  # uint8 -> float32 in [-1, 1], on the device
             images = flip_batch(images, cfg["seed"], s.epoch, i, self.info)
             if skipped:
                 s.skipped_images += skipped
-                keep = keep.to(self.device)
+                keep = keep.to(self.device, non_blocking=True)
                 images, labels = images[keep], labels[keep]
             if self.device.type == "cuda":
                 images = images.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
-                loss = self.forward(images, labels)
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                raise TrainingError(
-                    f"the loss became {value} at epoch {s.epoch + 1}, step {s.step + 1}; stopped without saving, "
-                    f"so the last good checkpoint in {self.run_dir} is intact. Lower training.lr, check "
-                    "training.grad_clip_norm, or turn off training.amp"
-                )
+            loss = self._forward(images, labels)
             self.scaler.scale(loss / self.accumulate).backward()
-            loss_sum, loss_n, window_images = loss_sum + value, loss_n + 1, window_images + global_batch
+            self.window.add(loss, global_batch)
             s.batch_in_epoch = i + 1
             bar.update(1)
             if (i + 1) % self.accumulate:
@@ -467,28 +492,70 @@ class Trainer:
             self.scheduler.step()
             s.step += 1
             if s.step % t["log_every"] == 0 or s.batch_in_epoch == self.steps_per_epoch_batches:
-                elapsed = time.perf_counter() - window_start
-                lr = self.optimizer.param_groups[0]["lr"]
-                speed = window_images / max(elapsed, 1e-9)
-                mean_loss = loss_sum / max(loss_n, 1)
-                bar.set_postfix(loss=f"{mean_loss:.3f}", lr=f"{lr:.2e}", img_s=f"{speed:.0f}")
-                if not show_bar:
-                    self.logger.info("epoch %d step %d: loss %.4f lr %.3e %.1f images/s", s.epoch + 1, s.step, mean_loss, lr, speed)
-                if self.writer:
-                    self.writer.record("train", s.step, s.epoch, {"loss": mean_loss, "lr": lr, "images_per_s": speed}, tb_prefix="train")
-                window_start, window_images, loss_sum, loss_n = time.perf_counter(), 0, 0.0, 0
+                self._close_window(bar, show_bar)
             every = cfg["checkpoint"]["save_every_steps"]
             if every and s.step % every == 0 and s.batch_in_epoch < self.steps_per_epoch_batches:
+                self._check_finite()
                 self._save("last.pth")
             if cfg["eval"]["eval_unit"] == "step" and s.step % cfg["eval"]["eval_freq"] == 0:
+                self._check_finite()
                 if self._after_validation(self.validate()):
                     self._save("best.pth")
                 for m in self.train_modules:
                     m.train()
             if s.step >= max_steps:
                 break
+        if self.window.losses:  # batches after the last read (max_steps, or an epoch's last partial accumulation)
+            self._close_window(bar, show_bar)
         bar.close()
         return s.batch_in_epoch < self.steps_per_epoch_batches
+
+    def _forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The loss of one micro-batch under the configured autocast."""
+        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
+            if not self.config["training"]["compile"]:
+                return self.forward(images, labels)
+            from torch._dynamo.exc import BackendCompilerFailed
+
+            try:
+                return self.forward(images, labels)
+            except BackendCompilerFailed as exc:  # the first call compiles: no C++ compiler, no Triton, ...
+                inner = getattr(exc, "inner_exception", None) or exc
+                reason = f"{type(inner).__name__}: {(str(inner).strip().splitlines() or [''])[0][:300]}"
+                raise TrainingError(f"training.compile: torch.compile could not compile the backbone ({reason}); "
+                                    "set training.compile: false") from None
+
+    def _close_window(self, bar: Any, show_bar: bool) -> None:
+        """Read the loss window (the loop's one wait for the device), stop on a non-finite loss, log it."""
+        s, w = self.state, self.window
+        mean_loss, finite = w.read()
+        now = time.perf_counter()
+        if not finite:
+            raise self._nonfinite_error(mean_loss)
+        lr = self.optimizer.param_groups[0]["lr"]
+        speed = w.images / max(now - w.started, 1e-9)
+        bar.set_postfix(loss=f"{mean_loss:.3f}", lr=f"{lr:.2e}", img_s=f"{speed:.0f}")
+        if not show_bar:
+            self.logger.info("epoch %d step %d: loss %.4f lr %.3e %.1f images/s", s.epoch + 1, s.step, mean_loss, lr, speed)
+        if self.writer:
+            self.writer.record("train", s.step, s.epoch, {"loss": mean_loss, "lr": lr, "images_per_s": speed}, tb_prefix="train")
+        w.reset(s.step + 1, started=now)  # logging time counts in the next window's speed
+
+    def _check_finite(self) -> None:
+        """Before writing a checkpoint mid-window: stop if any loss since the last read was not finite."""
+        mean_loss, finite = self.window.read()
+        if not finite:
+            raise self._nonfinite_error(mean_loss)
+
+    def _nonfinite_error(self, value: float) -> TrainingError:
+        s, first = self.state, self.window.first_step
+        last = max(s.step, first)
+        where = f"at step {first}" if last == first else f"between step {first} and {last}"
+        return TrainingError(
+            f"the loss became {value} {where} (epoch {s.epoch + 1}); stopped without saving, so the last good "
+            f"checkpoint in {self.run_dir} is intact. Lower training.lr, check training.grad_clip_norm, or turn off "
+            "training.amp"
+        )
 
 
 def train(config: dict, resume: str | bool | None = None, verbose: bool = True) -> dict:
