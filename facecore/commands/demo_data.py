@@ -1,4 +1,4 @@
-"""``facecore demo-data``: generate the synthetic quick-start data set (train .rec, test .bin)."""
+"""``facecore demo-data``: generate the synthetic quick-start data set (train .rec, test .bin) and a synthetic IJB-C."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from . import user_errors
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed; the same seed gives the same files.")
 @click.option("--force", is_flag=True, help="Regenerate even when OUT_DIR already holds this data, "
               "or write into a non-empty folder.")
-@click.option("--ijb", "ijb_dir", type=click.Path(file_okay=False),
+@click.option("--ijb", "ijb_dir", type=click.Path(file_okay=False), metavar="IJB_DIR",
               help="Also (or, without OUT_DIR, only) write a small synthetic IJB-C set in the published layout "
                    "into IJB_DIR/IJBC (loose crops, landmarks, detector scores, template pairs) for 'facecore eval --ijb'.")
 @user_errors
@@ -32,7 +32,8 @@ def demo_data(out_dir: str | None, train_identities: int, images_per_identity: i
 
     Writes train/ (train.rec, train.idx, property: data.root for training), test.bin
     (held-out identities: eval.bin_file), the image folders they were packed from, and
-    prints the raw-pixel verification baseline that a trained model should beat.
+    prints the raw-pixel verification baseline that a trained model should beat. With
+    --ijb, also (or only) a small IJB-C-layout set for 'facecore eval --ijb IJB_DIR'.
     """
     if out_dir is None and ijb_dir is None:
         raise click.UsageError("give OUT_DIR (the quick-start data), --ijb IJB_DIR, or both")

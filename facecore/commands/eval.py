@@ -102,7 +102,7 @@ def _set_names(paths: list[str]) -> list[str]:
               help="best.pth / last.pth of 'facecore train', or a bare backbone state dict (needs --config).")
 @click.option("--bin", "bins", multiple=True, type=click.Path(dir_okay=False),
               help="A .bin pair set (repeatable); defaults to eval.bin_file of the config.")
-@click.option("--ijb", "ijb_root", type=click.Path(file_okay=False),
+@click.option("--ijb", "ijb_root", type=click.Path(file_okay=False), metavar="ROOT",
               help="An IJB release folder (IJBC/meta, IJBC/loose_crop): run the IJB 1:1 protocol on it "
                    "(defaults to eval.ijb.root of the config).")
 @click.option("--ijb-target", type=click.Choice(["IJBC", "IJBB"]), help="IJBC or IJBB (default: eval.ijb.target).")

@@ -108,7 +108,7 @@ def warp_affine(image: np.ndarray, matrix: np.ndarray, size: int | tuple[int, in
     ``size`` is an int for a square output, or (width, height). Each output pixel is the
     bilinear interpolation of the source at the inverse-mapped point, rounded to the nearest
     integer; source pixels outside the image count as ``fill`` (OpenCV's constant border).
-    NumPy only; about 1 ms for a 112x112 crop.
+    NumPy only.
     """
     src = np.asarray(image)
     if src.dtype != np.uint8 or src.ndim not in (2, 3):
@@ -138,10 +138,11 @@ def warp_affine(image: np.ndarray, matrix: np.ndarray, size: int | tuple[int, in
     x0, y0 = x0 - x_lo, y0 - y_lo
     left = np.clip(x0 + 1, 0, w + 1).astype(np.intp)
     right = np.clip(x0 + 2, 0, w + 1).astype(np.intp)
-    top = np.clip(y0 + 1, 0, h + 1).astype(np.intp)
-    bottom = np.clip(y0 + 2, 0, h + 1).astype(np.intp)
-    upper = padded[top, left] * (1 - fx) + padded[top, right] * fx  # uint8 * float32 -> float32
-    lower = padded[bottom, left] * (1 - fx) + padded[bottom, right] * fx
+    top = np.clip(y0 + 1, 0, h + 1).astype(np.intp) * (w + 2)
+    bottom = np.clip(y0 + 2, 0, h + 1).astype(np.intp) * (w + 2)
+    flat = padded.reshape(-1, padded.shape[2])  # one gather per neighbour: rows of a (pixels, channels) view
+    upper = flat.take(top + left, axis=0) * (1 - fx) + flat.take(top + right, axis=0) * fx
+    lower = flat.take(bottom + left, axis=0) * (1 - fx) + flat.take(bottom + right, axis=0) * fx
     out = np.rint(upper * (1 - fy) + lower * fy)
     out = np.clip(out, 0, 255).astype(np.uint8)
     return out.reshape(height, width) if src.ndim == 2 else out
