@@ -14,6 +14,7 @@ the embedding pass starts. Items are the crops aligned to the ArcFace template.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -92,7 +93,9 @@ def read_pair_file(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     """``template_1 template_2 label`` lines -> pairs (P, 2) int64 and labels (P,) int8, parsed in C."""
     path = Path(path)
     try:
-        table = np.loadtxt(path, dtype=np.int64, ndmin=2, comments=None)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "input contained no data": reported below as an error
+            table = np.loadtxt(path, dtype=np.int64, ndmin=2, comments=None)
     except OSError as exc:
         raise DataError(f"cannot read {path}: {exc}") from None
     except ValueError:

@@ -124,9 +124,14 @@ def test_pair_scores_by_blocks_and_by_gathers(monkeypatch, ratio):
     np.testing.assert_allclose(ijb.pair_scores(feats, first, second), expected, atol=1e-5)
 
 
-def test_unknown_templates_in_pairs_are_named():
+@pytest.mark.parametrize("span", [ijb.LOOKUP_SPAN, 0])  # 0: binary search instead of a lookup table
+def test_template_rows_and_unknown_templates(monkeypatch, span):
+    monkeypatch.setattr(ijb, "LOOKUP_SPAN", span)
+    ids = np.array([-4, 1, 3, 7])
+    rows = ijb.template_rows(ids, np.array([[1, 7], [-4, 3], [7, 7]]))
+    assert rows.tolist() == [[1, 3], [0, 2], [3, 3]] and rows.dtype == np.int32
     with pytest.raises(DataError, match=r"2 template\(s\) of the pairs have no images: 5, 9"):
-        ijb.template_rows(np.array([1, 3, 7]), np.array([[1, 5], [9, 3], [1, 3]]))
+        ijb.template_rows(ids, np.array([[1, 5], [9, 3], [1, 3]]))
 
 
 def test_roc_of_scores_equals_the_argsort_roc():

@@ -41,6 +41,7 @@ TEMPLATE_SET_ATTRIBUTES = ("templates", "medias", "scores", "pairs", "labels")
 GEMM_RATIO = 64
 BLOCK_BYTES = 128 << 20  # the largest product block, float32
 GATHER_CHUNK = 1 << 14  # pairs per gathered chunk: 2 x 32 MiB at D=512
+LOOKUP_SPAN = 1 << 26  # template ids spanning fewer values map to rows through a table (<= 256 MiB)
 
 
 @dataclass
@@ -184,15 +185,31 @@ def pool_templates(features: np.ndarray, templates: np.ndarray, medias: np.ndarr
 
 
 def template_rows(template_ids: np.ndarray, pairs: np.ndarray) -> np.ndarray:
-    """Rows of ``template_ids`` (sorted) for each pair's two templates; DataError naming unknown ones."""
-    rows = np.searchsorted(template_ids, pairs)
-    rows = np.minimum(rows, template_ids.size - 1)
-    unknown = template_ids[rows] != pairs
+    """Rows of ``template_ids`` (sorted, unique) for each pair's two templates, int32 for IJB sizes.
+
+    Ids in a moderate range (IJB's are below 200,000) go through a lookup table, one pass over
+    the pairs; others through a binary search. Unknown ids are a DataError naming them.
+    """
+    pairs = np.asarray(pairs)
+    if pairs.size == 0:
+        return np.zeros(pairs.shape, dtype=np.int32)
+    small = template_ids.size < 2**31
+    low = min(int(pairs.min()), int(template_ids[0]))
+    high = max(int(pairs.max()), int(template_ids[-1]))
+    if high - low < LOOKUP_SPAN:
+        table = np.full(high - low + 1, -1, dtype=np.int32 if small else np.int64)
+        table[template_ids - low] = np.arange(template_ids.size)
+        rows = table[pairs if low == 0 else pairs - low]
+        unknown = rows < 0
+    else:
+        rows = np.minimum(np.searchsorted(template_ids, pairs), template_ids.size - 1)
+        unknown = template_ids[rows] != pairs
+        rows = rows.astype(np.int32) if small else rows
     if unknown.any():
         missing = np.unique(pairs[unknown])
         shown = ", ".join(str(t) for t in missing[:5]) + (f" and {missing.size - 5} more" if missing.size > 5 else "")
         raise DataError(f"{missing.size} template(s) of the pairs have no images: {shown}")
-    return rows.astype(np.int32) if template_ids.size < 2**31 else rows  # half the memory traffic of int64
+    return rows
 
 
 def pair_scores(features: np.ndarray, first: np.ndarray, second: np.ndarray) -> np.ndarray:
@@ -301,8 +318,12 @@ def tar_at_far(roc: RocCurve, targets: Sequence[float], *, negatives: int, posit
     fpr, tpr = roc.fpr[kept], roc.tpr[kept]
     tar, used, strict = [], [], []
     for t in targets:
-        distance = np.abs(fpr - t)
-        i = int(np.flatnonzero(distance == distance.min())[-1])
+        # fpr rises: the nearest values are the neighbours of t; the right one wins a tie, and
+        # the last point with the chosen FPR has the largest TPR
+        right = min(int(np.searchsorted(fpr, t, side="left")), fpr.size - 1)
+        left = max(right - 1, 0)
+        chosen = fpr[right] if abs(fpr[right] - t) <= abs(fpr[left] - t) else fpr[left]
+        i = int(np.searchsorted(fpr, chosen, side="right")) - 1
         tar.append(float(tpr[i]))
         used.append(float(fpr[i]))
         strict.append(float(roc.tpr[int(np.searchsorted(roc.fpr, t, side="right")) - 1]))
