@@ -66,10 +66,10 @@ class TemplateSet:
         if missing:
             raise PluginError(f"dataset '{name}' is not a template set: it lacks {', '.join(missing)} "
                               f"(a template set has {', '.join(TEMPLATE_SET_ATTRIBUTES)}; see docs/writing-plugins.md)")
-        templates = np.asarray(dataset.templates).reshape(-1).astype(np.int64)
-        medias = np.asarray(dataset.medias).reshape(-1).astype(np.int64)
+        templates = np.asarray(dataset.templates).reshape(-1).astype(np.int64, copy=False)
+        medias = np.asarray(dataset.medias).reshape(-1).astype(np.int64, copy=False)
         scores = np.asarray(dataset.scores, dtype=np.float64).reshape(-1)
-        pairs = np.asarray(dataset.pairs).astype(np.int64)
+        pairs = np.asarray(dataset.pairs).astype(np.int64, copy=False)
         labels = np.asarray(dataset.labels).reshape(-1)
         n = len(dataset)
         if not templates.size == medias.size == scores.size == n:
