@@ -212,7 +212,8 @@ def first_template(meta: Path) -> str:
         "\n".join((m / "ijbc_name_5pts_score.txt").read_text().splitlines()[1:]) + "\n"),
      r"1 image\(s\) of .*ijbc_face_tid_mid\.txt have no landmarks in .*: 1\.jpg"),
     (lambda m, c: (m / "ijbc_face_tid_mid.txt").write_text("1.jpg 1\n"), r"line 1: expected 'image_name template_id"),
-])
+], ids=["no-face-file", "no-loose-crop", "landmarks-without-image", "template-without-images", "bad-pair-line",
+        "bad-label", "image-without-landmarks", "bad-face-line"])
 def test_bad_layouts_are_named(ijb_root, tmp_path, edit, message):
     folder = copy_set(ijb_root, tmp_path) / "IJBC"
     edit(folder / "meta", folder / "loose_crop")
