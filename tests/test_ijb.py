@@ -334,3 +334,13 @@ def test_demo_data_ijb(monkeypatch, tmp_path):
     assert again.exit_code == 1 and "--force" in again.output
     neither = CliRunner().invoke(main, ["demo-data"])
     assert neither.exit_code == 2 and "OUT_DIR" in neither.output
+
+
+def test_ijbb_layout(tmp_path):
+    summary = make_ijb_data(tmp_path, target="IJBB", identities=2, templates_per_identity=2, seed=1, progress=False)
+    assert sorted(p.name for p in (tmp_path / "IJBB" / "meta").iterdir()) == [
+        "ijbb_face_tid_mid.txt", "ijbb_name_5pts_score.txt", "ijbb_template_pair_label.txt"]
+    data = facecore.create("datasets", "ijb", root=str(tmp_path), target="IJBB")
+    assert data.name == "IJBB" and len(data) == summary["images"] and data.labels.tolist().count(1) == 2
+    with pytest.raises(DataError, match="holds neither IJBC/meta/ nor meta/"):
+        facecore.create("datasets", "ijb", root=str(tmp_path))
