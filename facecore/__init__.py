@@ -1,7 +1,7 @@
 """facecore: plugin-based face-recognition training.
 
 The public API (stable for plugins and notebooks): ``hookimpl``, ``available``,
-``create``, ``load_config``, ``Predictor`` and the error classes.
+``create``, ``load_config``, ``Predictor``, the ``align`` module and the error classes.
 """
 
 from __future__ import annotations
@@ -75,6 +75,10 @@ def __getattr__(name: str) -> Any:  # torch-heavy parts load on first use
         from .eval.predictor import Predictor
 
         return Predictor
+    if name == "align":  # ``facecore.align.align_face(...)`` without importing the submodule first
+        import importlib
+
+        return importlib.import_module(".align", __name__)
     raise AttributeError(f"module 'facecore' has no attribute {name!r}")
 
 
@@ -87,6 +91,7 @@ __all__ = [
     "Predictor",
     "TrainingError",
     "__version__",
+    "align",
     "available",
     "create",
     "hookimpl",

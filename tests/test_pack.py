@@ -45,7 +45,7 @@ def test_pack_rec_round_trip(tree, tmp_path):
     out = tmp_path / "rec"
     with pytest.warns(UserWarning, match="1 of 5 images were not 16x16 and were resized"):
         stats = pack_rec(tree, out, img_size=16, progress=False)
-    assert stats == {"images": 5, "identities": 2, "resized": 1}
+    assert stats == {"images": 5, "identities": 2, "resized": 1, "aligned": 0, "skipped": 0}
     assert sorted(p.name for p in out.iterdir()) == ["property", "train.idx", "train.rec"]
     assert read_property(out / "property") == (2, 16, 16)
 

@@ -1,4 +1,4 @@
-"""``facecore demo-data``: generate the synthetic quick-start data set (train .rec, test .bin)."""
+"""``facecore demo-data``: generate the synthetic quick-start data set (train .rec, test .bin) and a synthetic IJB-C."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from . import user_errors
 
 
 @click.command("demo-data")
-@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.argument("out_dir", type=click.Path(file_okay=False), required=False)
 @click.option("--train-identities", default=500, show_default=True, type=click.IntRange(min=2),
               help="Identities (classes) in the training set.")
 @click.option("--images-per-identity", default=20, show_default=True, type=click.IntRange(min=1),
@@ -22,15 +22,29 @@ from . import user_errors
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed; the same seed gives the same files.")
 @click.option("--force", is_flag=True, help="Regenerate even when OUT_DIR already holds this data, "
               "or write into a non-empty folder.")
+@click.option("--ijb", "ijb_dir", type=click.Path(file_okay=False), metavar="IJB_DIR",
+              help="Also (or, without OUT_DIR, only) write a small synthetic IJB-C set in the published layout "
+                   "into IJB_DIR/IJBC (loose crops, landmarks, detector scores, template pairs) for 'facecore eval --ijb'.")
 @user_errors
-def demo_data(out_dir: str, train_identities: int, images_per_identity: int, test_identities: int,
-              test_images_per_identity: int, pairs: int, seed: int, force: bool) -> None:
+def demo_data(out_dir: str | None, train_identities: int, images_per_identity: int, test_identities: int,
+              test_images_per_identity: int, pairs: int, seed: int, force: bool, ijb_dir: str | None) -> None:
     """Generate synthetic face identities for the quick start into OUT_DIR.
 
     Writes train/ (train.rec, train.idx, property: data.root for training), test.bin
     (held-out identities: eval.bin_file), the image folders they were packed from, and
-    prints the raw-pixel verification baseline that a trained model should beat.
+    prints the raw-pixel verification baseline that a trained model should beat. With
+    --ijb, also (or only) a small IJB-C-layout set for 'facecore eval --ijb IJB_DIR'.
     """
+    if out_dir is None and ijb_dir is None:
+        raise click.UsageError("give OUT_DIR (the quick-start data), --ijb IJB_DIR, or both")
+    if ijb_dir is not None:
+        from ..data.synthetic_ijb import make_ijb_data
+
+        ijb = make_ijb_data(ijb_dir, seed=seed, force=force)
+        click.echo(f"  IJB-C layout  {ijb['folder']}/  {ijb['images']} loose crops of {ijb['identities']} identities, "
+                   f"{ijb['templates']} templates, {ijb['pairs']} pairs ({ijb['genuine']} genuine)")
+    if out_dir is None:
+        return
     from ..data.synthetic import make_demo_data
 
     summary = make_demo_data(

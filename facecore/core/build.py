@@ -55,6 +55,23 @@ def build_pair_set(config: dict, path: str) -> Any:
     return create("datasets", name, **options)
 
 
+def build_template_set(config: dict, root: str, target: str) -> Any:
+    """The IJB-style template set at ``root`` read by the ``eval.ijb.dataset`` plugin."""
+    from ..errors import PluginError
+
+    name = config["eval"]["ijb"]["dataset"]
+    datasets = registry("datasets")
+    reg = datasets.get(name)
+    if not {"root", "target"} <= set(reg.options):
+        readers = [n for n in datasets.names() if {"root", "target"} <= set(datasets.entries[n].options)]
+        raise PluginError(f"eval.ijb.dataset: dataset '{name}' does not read template sets (it has no 'root' and "
+                          f"'target' options); template-set readers: {', '.join(readers) or 'none installed'}")
+    options = {"root": root, "target": target}
+    if "img_size" in reg.options:
+        options["img_size"] = config["data"]["img_size"]
+    return create("datasets", name, **options)
+
+
 def build_metrics(config: dict) -> list[tuple[str, Callable[..., dict]]]:
     """The ``eval.metrics`` list as (name, callable) pairs."""
     out = []
