@@ -19,6 +19,8 @@ IJB-C's sizes.
 
 from __future__ import annotations
 
+import warnings
+
 import math
 import os
 import sys
@@ -41,7 +43,6 @@ TEMPLATE_SET_ATTRIBUTES = ("templates", "medias", "scores", "pairs", "labels")
 GEMM_RATIO = 64
 BLOCK_BYTES = 128 << 20  # the largest product block, float32
 GATHER_CHUNK = 1 << 14  # pairs per gathered chunk: 2 x 32 MiB at D=512
-POOL_CHUNK = 1 << 16  # images per weighted scatter-add chunk: 128 MiB at D=512
 LOOKUP_SPAN = 1 << 26  # template ids spanning fewer values map to rows through a table (<= 256 MiB)
 
 
@@ -164,8 +165,7 @@ def pool_templates(features: np.ndarray, templates: np.ndarray, medias: np.ndarr
     """``(template ids (T,) sorted, L2-normalized template features (T, D) float32)``.
 
     A template's feature is the sum over its medias of the mean feature of that media's
-    images: a weighted scatter-add over the images, in chunks, so no full weighted copy of
-    the image features is made.
+    images: one sparse (T x N) CSR product, no copy of the image features.
     """
     import torch
 
@@ -176,16 +176,19 @@ def pool_templates(features: np.ndarray, templates: np.ndarray, medias: np.ndarr
         raise DataError(f"{n} image features but {templates.size} template ids and {medias.size} media ids")
     template_ids, t_index = np.unique(templates, return_inverse=True)
     media_ids, m_index = np.unique(medias, return_inverse=True)
-    group = t_index.astype(np.int64) * media_ids.size + m_index  # one group per (template, media)
+    t_index = t_index.reshape(-1)
+    group = t_index.astype(np.int64) * media_ids.size + m_index.reshape(-1)  # one group per (template, media)
     _, g_index, g_count = np.unique(group, return_inverse=True, return_counts=True)
-    weights = torch.from_numpy((1.0 / g_count[g_index]).astype(np.float32))
-    rows = torch.from_numpy(t_index.reshape(-1).astype(np.int64))
-    source = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))
-    out = torch.zeros(template_ids.size, features.shape[1], dtype=torch.float32)
-    for start in range(0, n, POOL_CHUNK):
-        stop = start + POOL_CHUNK
-        out.index_add_(0, rows[start:stop], source[start:stop] * weights[start:stop, None])
-    pooled = out.numpy()
+    weights = (1.0 / g_count[g_index.reshape(-1)]).astype(np.float32)
+    order = np.argsort(t_index, kind="stable")  # CSR: the images of each template, row by row
+    row_starts = np.zeros(template_ids.size + 1, dtype=np.int64)
+    np.cumsum(np.bincount(t_index, minlength=template_ids.size), out=row_starts[1:])
+    with warnings.catch_warnings():  # torch says sparse CSR is beta; the product is all we use of it
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        pooling = torch.sparse_csr_tensor(torch.from_numpy(row_starts), torch.from_numpy(order.astype(np.int64)),
+                                          torch.from_numpy(weights[order]), (template_ids.size, n),
+                                          check_invariants=True)
+    pooled = (pooling @ torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))).numpy()
     norms = np.sqrt(np.einsum("ij,ij->i", pooled, pooled))
     pooled /= np.maximum(norms, 1e-12)[:, None]
     return template_ids, pooled
