@@ -19,12 +19,11 @@ IJB-C's sizes.
 
 from __future__ import annotations
 
-import warnings
-
 import math
 import os
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
