@@ -176,6 +176,18 @@ def test_validate_user_errors_have_no_traceback(tmp_path, setup, expected):
     assert not isinstance(result.exception, Exception) or isinstance(result.exception, SystemExit)
 
 
+@pytest.mark.parametrize("command", ["validate", "train"])
+@pytest.mark.parametrize("reader", ["bin-pairs", "ijb"])
+def test_an_evaluation_set_named_as_the_training_set_is_a_config_error(command, reader, tmp_path):
+    result = _run(command, "--config", "configs/quickstart.yaml", "--set", f"data.type={reader}",
+                  "--set", f"checkpoint.save_dir={tmp_path / 'runs'}")
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert f"data.type: dataset '{reader}' is not a training set" in result.stderr
+    assert "these fit: image-folder, recordio" in result.stderr
+    assert "data.path" not in result.stderr  # no cascade from the reader's own options
+    assert not (tmp_path / "runs").exists()
+
+
 def test_validate_bad_override_syntax(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("model: {backbone: x}\n")

@@ -18,7 +18,7 @@ from typing import Any, Iterable
 import yaml
 
 from ..errors import ConfigError, PluginError
-from .registry import CONTEXT_ARGS, SINGULAR, Registration
+from .registry import CONTEXT_ARGS, SINGULAR, Registration, accepts
 from .validation import dotted, fill_defaults, schema_errors
 
 # Sections whose keys are core keys plus the options of the plugin that a key names.
@@ -262,10 +262,26 @@ def _compose_sections(config: dict, props: dict, errors: list[str]) -> None:
             props[section]["additionalProperties"] = True
             continue
         reg = _lookup(group, node[key], f"{section}.{key}", errors)
+        if reg is not None and not all(accepts(reg, arg) for arg in CONTEXT_ARGS[group]):
+            errors.append(_wrong_role(section, key, reg))
+            reg = None
         if reg is None:
             props[section]["additionalProperties"] = True  # no cascade of unknown-key errors
         else:
             _extend_section(props[section], reg)
+
+
+def _wrong_role(section: str, key: str, reg: Registration) -> str:
+    """A plugin named in a slot whose context arguments its factory does not take (a pair set as data.type)."""
+    from .plugins import registry
+
+    group = reg.group
+    missing = [arg for arg in CONTEXT_ARGS[group] if not accepts(reg, arg)]
+    fits = [n for n in registry(group).names() if all(accepts(registry(group).entries[n], a) for a in CONTEXT_ARGS[group])]
+    args = ", ".join(f"'{a}'" for a in missing)
+    what = (f"is not a training set (its factory takes no {args} argument; pair and template sets belong under eval)"
+            if group == "datasets" else f"cannot be used here: its factory takes no {args} argument")
+    return f"{section}.{key}: {SINGULAR[group]} '{reg.name}' {what}; these fit: {', '.join(fits) or 'none installed'}"
 
 
 def _compose_specs(config: dict, props: dict, errors: list[str]) -> None:

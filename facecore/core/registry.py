@@ -137,6 +137,15 @@ def _same_default(schema_default: Any, factory_default: Any) -> bool:
     return schema_default == factory_default
 
 
+def accepts(reg: Registration, arg: str) -> bool:
+    """Whether the factory takes the keyword ``arg`` (by name or ``**kwargs``); True when not introspectable."""
+    try:
+        params = inspect.signature(reg.factory).parameters
+    except (TypeError, ValueError):
+        return True
+    return arg in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
 def contract_problems(reg: Registration) -> list[str]:
     """Mismatches between a factory's signature and its options schema (empty when they agree).
 
