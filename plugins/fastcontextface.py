@@ -16,6 +16,7 @@ from torch import nn
 
 from facecore import hookimpl
 from facecore.errors import ConfigError
+from facecore_plugins.layers import DropPath
 
 INPUT_SIZE = 112  # stem /2 and three /2 downsamplings: 112 -> 7, the GDC kernel size
 DEPTHS = [2, 2, 6, 2]
@@ -94,24 +95,6 @@ class SqueezeExcite(nn.Module):
         gate = x.mean(dim=(2, 3), keepdim=True)
         gate = torch.sigmoid(self.expand(F.relu(self.reduce(gate))))
         return x * gate
-
-
-class DropPath(nn.Module):
-    """Stochastic depth: drops a sample's residual branch with probability ``rate`` in training."""
-
-    def __init__(self, rate: float = 0.0):
-        super().__init__()
-        self.rate = rate
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.rate == 0.0 or not self.training:
-            return x
-        keep = 1.0 - self.rate
-        mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
-        return x * mask / keep
-
-    def extra_repr(self) -> str:
-        return f"rate={self.rate}"
 
 
 class ContextBlock(nn.Module):

@@ -20,6 +20,7 @@ from torch import nn
 
 from facecore import hookimpl
 from facecore.errors import ConfigError
+from facecore_plugins.layers import DropPath
 
 INPUT_SIZE = 112
 PATCH = 9
@@ -60,24 +61,6 @@ SCHEMA = {
         },
     },
 }
-
-
-class DropPath(nn.Module):
-    """Stochastic depth: drops a sample's residual branch with probability ``rate`` in training."""
-
-    def __init__(self, rate: float = 0.0):
-        super().__init__()
-        self.rate = rate
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.rate == 0.0 or not self.training:
-            return x
-        keep = 1.0 - self.rate
-        mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
-        return x * mask / keep
-
-    def extra_repr(self) -> str:
-        return f"rate={self.rate}"
 
 
 class PatchEmbed(nn.Module):
