@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import click
 
 from . import set_option, user_errors
@@ -19,9 +21,18 @@ from . import set_option, user_errors
     metavar="[PATH]",
     help="Continue the newest run under checkpoint.save_dir, or the checkpoint at PATH.",
 )
+@click.option(
+    "--init",
+    "init",
+    metavar="PATH",
+    type=click.Path(dir_okay=False),
+    help="Initialise the backbone from PATH to fine-tune it (same as --set model.pretrained=PATH; "
+    "ignored with --resume).",
+)
 @click.option("--quiet", is_flag=True, help="Only warnings and errors on the console.")
 @user_errors
-def train(config_path: str, overrides: tuple[str, ...], device: str | None, resume: str | None, quiet: bool) -> None:
+def train(config_path: str, overrides: tuple[str, ...], device: str | None, resume: str | None, init: str | None,
+          quiet: bool) -> None:
     """Train a backbone with a margin head on the configured dataset.
 
     Multi-GPU or multi-node: launch the same command with torchrun, e.g.
@@ -31,6 +42,8 @@ def train(config_path: str, overrides: tuple[str, ...], device: str | None, resu
 
     if device:
         overrides = (*overrides, f"device={device}")
+    if init:
+        overrides = (*overrides, f"model.pretrained={json.dumps(init)}")  # a JSON string is a YAML scalar: any path
     config = load_config(config_path, overrides)
     from ..train.trainer import train as run_training
 

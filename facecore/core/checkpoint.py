@@ -1,5 +1,5 @@
 """Checkpoint files: atomic writes, safe loads (``weights_only=True``), and backbone weights
-from either a facecore checkpoint or a bare state dict (InsightFace ``backbone.pth``)."""
+from a facecore checkpoint or another model's file (the layouts live in ``pretrained.py``)."""
 
 from __future__ import annotations
 
@@ -69,47 +69,19 @@ def is_facecore_checkpoint(obj: Any) -> bool:
 
 
 def backbone_state_dict(obj: Any, path: str | Path = "checkpoint") -> dict:
-    """The backbone weights in a loaded checkpoint: a facecore checkpoint or a bare state dict.
+    """The backbone weights in a loaded checkpoint, in facecore's layout.
 
-    A ``module.`` prefix (DataParallel/DDP saves) is stripped.
+    Any layout :func:`facecore.core.pretrained.backbone_weights` reads: a facecore checkpoint,
+    a bare state dict (InsightFace ``backbone.pth``), an arcface_torch or Lightning training
+    checkpoint, an AdaFace ``.ckpt``; a ``module.`` prefix (DDP saves) is stripped.
     """
-    import torch
+    from .pretrained import backbone_weights
 
-    if is_facecore_checkpoint(obj):
-        state = obj["backbone"]
-    elif isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-        state = obj
-    elif isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        state = obj["state_dict"]
-    else:
-        raise CheckpointError(
-            f"{path} holds neither a facecore checkpoint nor a state dict of tensors "
-            f"(found {type(obj).__name__} with keys {list(obj)[:5] if isinstance(obj, dict) else '-'})"
-        )
-    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+    return backbone_weights(obj, path).state
 
 
 def load_backbone_weights(backbone: Any, obj: Any, path: str | Path, backbone_name: str = "backbone") -> None:
     """Load weights into ``backbone`` strictly; a mismatch names both the file and the model."""
-    state = backbone_state_dict(obj, path)
-    own = backbone.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    shape = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
-    if missing or unexpected or shape:
-        saved = ""
-        if is_facecore_checkpoint(obj):
-            m = obj.get("config", {}).get("model", {})
-            saved = f" (it was saved for backbone '{m.get('backbone')}' with embedding_size {m.get('embedding_size')})"
-        details = []
-        if shape:
-            k = shape[0]
-            details.append(f"{len(shape)} shape mismatch(es), e.g. {k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}")
-        if missing:
-            details.append(f"{len(missing)} key(s) missing from the file, e.g. {missing[0]}")
-        if unexpected:
-            details.append(f"{len(unexpected)} unexpected key(s) in the file, e.g. {unexpected[0]}")
-        raise CheckpointError(
-            f"{path} does not fit the configured backbone '{backbone_name}'{saved}: " + "; ".join(details)
-        )
-    backbone.load_state_dict(state, strict=True)
+    from .pretrained import load_backbone
+
+    load_backbone(backbone, obj, path, backbone_name)

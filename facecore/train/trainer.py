@@ -103,6 +103,9 @@ class Trainer:
         self.device = device_for(self.info, config["device"])
         self.state = TrainState()
         self.logger = setup_logging([], verbose=verbose and self.info.is_main)
+        self.resume_path: Path | None = None
+        self.pretrained_report = None  # what model.pretrained loaded (logged once the run directory exists)
+        self.frozen: bool | None = None  # the backbone's phase (training.freeze_backbone_epochs)
 
     # ----------------------------------------------------------------- assembly
     def _build(self) -> None:
@@ -152,7 +155,9 @@ class Trainer:
 
         cfg, info = self.config, self.info
         num = cfg["head"]["num_classes"]
-        self.backbone = build_backbone(cfg).to(self.device)
+        self.backbone = build_backbone(cfg)
+        self._init_backbone()
+        self.backbone = self.backbone.to(self.device)
         head = build_head(cfg)
         emb, rate = cfg["model"]["embedding_size"], cfg["head"]["sample_rate"]
         self.sharded = bool(cfg["head"]["shard"]) and info.enabled
@@ -165,17 +170,81 @@ class Trainer:
         self.classifier.checks_labels = False  # the loop checks them on the host, where reading them is free
         if self.device.type == "cuda":
             self.backbone = self.backbone.to(memory_format=torch.channels_last)
-        # the compiled wrapper runs the training forward; self.backbone stays the plain module, so
-        # checkpoints have no "_orig_mod." prefixes and validation does not compile another graph
-        net = self._compile(self.backbone) if cfg["training"]["compile"] else self.backbone
-        ids = [self.device] if self.device.type == "cuda" else None
-        if self.sharded:  # centers differ per rank: only the backbone is data-parallel
-            ddp_backbone = nn.parallel.DistributedDataParallel(net, device_ids=ids)
-            self.forward = lambda x, y: classify(self.classifier, ddp_backbone(x), y)
-        else:
-            model: nn.Module = ClassifierModel(net, self.classifier)
-            self.forward = nn.parallel.DistributedDataParallel(model, device_ids=ids) if info.enabled else model
         self.train_modules = [self.backbone, self.classifier]
+        self._forwards: dict[bool, Any] = {}
+
+    def _init_backbone(self) -> None:
+        """Load ``model.pretrained`` into the new backbone (not when resuming: the checkpoint has the weights)."""
+        from ..core.pretrained import load_pretrained
+
+        model, t = self.config["model"], self.config["training"]
+        if t["freeze_backbone_epochs"] and not model["pretrained"] and self.resume_path is None:
+            self.logger.warning("training.freeze_backbone_epochs is %d but model.pretrained is not set: the randomly "
+                                "initialised backbone stays fixed for those epochs", t["freeze_backbone_epochs"])
+        if not model["pretrained"]:
+            return
+        if self.resume_path is not None:
+            self.logger.info("resuming: model.pretrained (%s) is not applied again; the weights come from the checkpoint",
+                             model["pretrained"])
+            return
+        self.pretrained_report = load_pretrained(self.backbone, model["pretrained"], model["backbone"], model["pretrained_skip"])
+
+    def _forward_for(self, frozen: bool) -> Any:
+        """``forward(images, labels) -> loss`` for a trainable or a frozen backbone, made once per phase.
+
+        A frozen backbone runs in eval mode under ``no_grad``: its weights get no gradient (the
+        optimizer skips them, so they stay unchanged and no momentum builds up) and its BatchNorm
+        statistics stay as loaded. Only the classifier is then data-parallel: DDP must only see
+        parameters that receive gradients.
+        """
+        if frozen in self._forwards:
+            return self._forwards[frozen]
+        ids = [self.device] if self.device.type == "cuda" else None
+        ddp = nn.parallel.DistributedDataParallel
+        if frozen:
+            classifier = ddp(self.classifier, device_ids=ids) if self.info.enabled and not self.sharded else self.classifier
+
+            def forward(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+                with torch.no_grad():
+                    embeddings = self.backbone(x)
+                return classify(classifier, embeddings, y)
+        elif self.sharded:  # centers differ per rank: only the backbone is data-parallel
+            ddp_backbone = ddp(self._trained_net(), device_ids=ids)
+
+            def forward(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+                return classify(self.classifier, ddp_backbone(x), y)
+        else:
+            model: nn.Module = ClassifierModel(self._trained_net(), self.classifier)
+            forward = ddp(model, device_ids=ids) if self.info.enabled else model
+        self._forwards[frozen] = forward
+        return forward
+
+    def _trained_net(self) -> nn.Module:
+        """The backbone as the training forward runs it: through torch.compile when training.compile is on.
+
+        self.backbone stays the plain module, so checkpoints have no "_orig_mod." prefixes and
+        validation does not compile another graph. A frozen backbone runs uncompiled (eval mode).
+        """
+        return self._compile(self.backbone) if self.config["training"]["compile"] else self.backbone
+
+    def _enter_phase(self) -> None:
+        """Freeze the backbone for the first training.freeze_backbone_epochs epochs, then train it."""
+        t = self.config["training"]
+        frozen = self.state.epoch < t["freeze_backbone_epochs"]
+        if frozen != self.frozen:
+            self.frozen = frozen
+            self.forward = self._forward_for(frozen)
+            if frozen:
+                self.logger.info("epochs %d-%d: the backbone is frozen (eval mode, no gradients); only the classifier trains",
+                                 self.state.epoch + 1, min(t["freeze_backbone_epochs"], t["epochs"]))
+            elif t["freeze_backbone_epochs"]:
+                self.logger.info("epoch %d: the backbone trains from now on, at training.lr x %g",
+                                 self.state.epoch + 1, t["backbone_lr_mult"])
+
+    def _train_mode(self) -> None:
+        """Training mode for what trains; a frozen backbone stays in eval mode."""
+        self.classifier.train()
+        self.backbone.train(not self.frozen)
 
     @staticmethod
     def _compile(backbone: nn.Module) -> nn.Module:
@@ -189,7 +258,13 @@ class Trainer:
     def _build_optimization(self) -> None:
         cfg = self.config
         t = cfg["training"]
-        params = [p for m in self.train_modules for p in m.parameters() if p.requires_grad]
+        backbone = [p for p in self.backbone.parameters() if p.requires_grad]
+        classifier = [p for p in self.classifier.parameters() if p.requires_grad]
+        # One param group unless the backbone has its own LR (checkpoints of older runs keep loading);
+        # the class centers stay the last parameter either way (see _center_state_index).
+        mult = t["backbone_lr_mult"]
+        params: list = ([{"params": backbone + classifier}] if mult == 1
+                        else [{"params": backbone, "lr": t["lr"] * mult}, {"params": classifier}])
         if t["optimizer"] == "sgd":
             self.optimizer = torch.optim.SGD(params, lr=t["lr"], momentum=t["momentum"], weight_decay=t["weight_decay"], nesterov=t["nesterov"])
         else:
@@ -258,6 +333,13 @@ class Trainer:
             center = {k: self.classifier.local_rows(v) if isinstance(v, torch.Tensor) and v.dim() == 2 else v
                       for k, v in state["state"][index].items()}
             state = {**state, "state": {**state["state"], index: center}}
+        saved, own = len(state["param_groups"]), len(self.optimizer.param_groups)
+        if saved != own:
+            raise CheckpointError(
+                f"the optimizer state in the checkpoint has {saved} param group(s) but this config makes {own}: "
+                "training.backbone_lr_mult gives the backbone its own group unless it is 1; resume with the "
+                "value the run was started with"
+            )
         self.optimizer.load_state_dict(state)
 
     def _save(self, name: str) -> None:
@@ -382,9 +464,12 @@ class Trainer:
 
     # ----------------------------------------------------------------- the loop
     def run(self) -> dict:
-        resume_path = self._resume_path()
+        resume_path = self.resume_path = self._resume_path()
         self._build()
         self._prepare_run_dir(resume_path)
+        if self.pretrained_report is not None:
+            for line in self.pretrained_report.lines():
+                self.logger.info("%s", line)
         if resume_path:
             self._load(resume_path)
         cfg, t, s = self.config, self.config["training"], self.state
@@ -400,6 +485,7 @@ class Trainer:
         stop = False
         while s.epoch < t["epochs"] and s.step < max_steps and not stop:
             skipped_before = s.skipped_images
+            self._enter_phase()
             stop = self._train_epoch(max_steps, batch * world, show_bar)
             self._report_skipped(s.skipped_images - skipped_before)
             if not stop:
@@ -454,8 +540,7 @@ class Trainer:
 
         cfg, s = self.config, self.state
         t = cfg["training"]
-        for m in self.train_modules:
-            m.train()
+        self._train_mode()
         self.sampler.set_epoch(s.epoch, s.batch_in_epoch)
         bar = tqdm(total=self.steps_per_epoch_batches, initial=s.batch_in_epoch, desc=f"epoch {s.epoch + 1}/{t['epochs']}",
                    disable=not show_bar, leave=False, dynamic_ncols=True)
@@ -501,8 +586,7 @@ class Trainer:
                 self._check_finite()
                 if self._after_validation(self.validate()):
                     self._save("best.pth")
-                for m in self.train_modules:
-                    m.train()
+                self._train_mode()
             if s.step >= max_steps:
                 break
         if self.window.losses:  # batches after the last read (max_steps, or an epoch's last partial accumulation)
@@ -532,7 +616,7 @@ class Trainer:
         now = time.perf_counter()
         if not finite:
             raise self._nonfinite_error(mean_loss)
-        lr = self.optimizer.param_groups[0]["lr"]
+        lr = self.optimizer.param_groups[-1]["lr"]  # the group at training.lr (the classifier)
         speed = w.images / max(now - w.started, 1e-9)
         bar.set_postfix(loss=f"{mean_loss:.3f}", lr=f"{lr:.2e}", img_s=f"{speed:.0f}")
         if not show_bar:
