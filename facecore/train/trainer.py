@@ -26,8 +26,9 @@ from .. import __version__
 from ..core.build import build_backbone, build_head, build_metrics, build_pair_set, build_scheduler, build_train_dataset, pair_set_paths
 from ..core.checkpoint import load_checkpoint, save_checkpoint
 from ..errors import CheckpointError, DataError, TrainingError
+from .augment import Augmenter
 from .runs import RunWriter, new_run_dir, newest_checkpoint, setup_logging
-from ..core.runtime import DistInfo, capture_rng, device_for, init_distributed, restore_rng, seed_everything
+from ..core.runtime import capture_rng, device_for, init_distributed, restore_rng, seed_everything
 
 
 class ResumableSampler(Sampler[int]):
@@ -64,19 +65,6 @@ def classify(classifier: nn.Module, embeddings: torch.Tensor, labels: torch.Tens
         return classifier(embeddings.float(), labels)
 
 
-def flip_batch(images: torch.Tensor, seed: int, epoch: int, batch: int, info: DistInfo) -> torch.Tensor:
-    """Random horizontal flips as a pure function of (seed, epoch, batch, global position).
-
-    Doing this here rather than in the dataset makes runs identical for any number of data
-    workers or ranks, and after a resume.
-    """
-    gen = torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 1_000_003 + batch)
-    n = images.shape[0]
-    mask = torch.rand(n * info.world_size, generator=gen) < 0.5
-    mask = mask[info.rank :: info.world_size][:n].to(images.device)
-    return torch.where(mask[:, None, None, None], images.flip(3), images)
-
-
 @dataclass
 class TrainState:
     """Where training stands; all of it goes into the checkpoint."""
@@ -111,7 +99,8 @@ class Trainer:
 
     def _build_data(self) -> None:
         cfg, info = self.config, self.info
-        self.dataset = build_train_dataset(cfg, train=False)  # flips happen in flip_batch
+        self.dataset = build_train_dataset(cfg, train=False)  # augmentations happen in self.augment
+        self.augment = Augmenter.from_config(cfg)
         num = int(getattr(self.dataset, "num_classes", 0))
         declared = cfg["head"]["num_classes"]
         if declared is not None and declared != num:
@@ -436,7 +425,7 @@ class Trainer:
             skipped = int((~keep).sum())  # counted on the CPU: no device sync on the hot path
             images = images.to(self.device, non_blocking=True)
             labels = labels.to(self.device, non_blocking=True)
-            images = flip_batch(images, cfg["seed"], s.epoch, i, self.info)
+            images = self.augment(images, cfg["seed"], s.epoch, i, self.info)
             if skipped:
                 s.skipped_images += skipped
                 keep = keep.to(self.device)
