@@ -64,8 +64,9 @@ def _column(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 def _grey(x: torch.Tensor) -> torch.Tensor:
+    """(M, 1, H, W) luma of [-1, 1] images, on the same scale (the [0, 1] luma mapped to [-1, 1])."""
     r, g, b = GREY_WEIGHTS
-    return r * x[:, 0:1] + g * x[:, 1:2] + b * x[:, 2:3]
+    return (r * x[:, 0:1]).add_(x[:, 1:2], alpha=g).add_(x[:, 2:3], alpha=b).add_(sum(GREY_WEIGHTS) - 1)
 
 
 def _range_schema(description: str, default: list[float], **item_bounds: float) -> dict:
@@ -90,10 +91,10 @@ def _norm(coord: torch.Tensor, size: int) -> torch.Tensor:
 
 def _grid(ys: torch.Tensor, xs: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """An (M, len(y), len(x), 2) sampling grid from per-image row and column coordinates (M, len)."""
-    m = ys.shape[0]
-    grid = torch.stack([xs[:, None, :].expand(m, ys.shape[1], xs.shape[1]),
-                        ys[:, :, None].expand(m, ys.shape[1], xs.shape[1])], dim=-1)
-    return grid.to(like.device, like.dtype, non_blocking=True)
+    grid = torch.empty(ys.shape[0], ys.shape[1], xs.shape[1], 2, dtype=like.dtype)
+    grid[..., 0] = xs[:, None, :]
+    grid[..., 1] = ys[:, :, None]
+    return grid.to(like.device, non_blocking=True)
 
 
 # --------------------------------------------------------------------------- flip
@@ -173,10 +174,12 @@ class RandomCrop:
 def _replicate_edges(small: torch.Tensor, sh: torch.Tensor, sw: torch.Tensor) -> torch.Tensor:
     """Rows >= sh and columns >= sw copy the last valid row/column (per image)."""
     m, c, height, width = small.shape
-    rows = torch.minimum(torch.arange(height)[None, :], (sh - 1)[:, None]).to(small.device, non_blocking=True)
-    cols = torch.minimum(torch.arange(width)[None, :], (sw - 1)[:, None]).to(small.device, non_blocking=True)
-    small = small.gather(2, rows[:, None, :, None].expand(m, c, height, width))
-    return small.gather(3, cols[:, None, None, :].expand(m, c, height, width))
+    last_row = (sh - 1).to(small.device, non_blocking=True).view(m, 1, 1, 1)
+    last_col = (sw - 1).to(small.device, non_blocking=True).view(m, 1, 1, 1)
+    below = torch.arange(height, device=small.device).view(1, 1, height, 1) > last_row
+    right = torch.arange(width, device=small.device).view(1, 1, 1, width) > last_col
+    small = torch.where(below, small.gather(2, last_row.expand(m, c, 1, width)), small)
+    return torch.where(right, small.gather(3, last_col.expand(m, c, height, 1)), small)
 
 
 def shrink(images: torch.Tensor, sh: torch.Tensor, sw: torch.Tensor, mode: str) -> torch.Tensor:
@@ -195,7 +198,8 @@ def shrink(images: torch.Tensor, sh: torch.Tensor, sw: torch.Tensor, mode: str) 
         xs = torch.minimum(torch.arange(width + 1)[None, :].double(), swf[:, None]) * (width / swf[:, None])
         corners = F.grid_sample(integral, _grid(_norm(ys, height + 1), _norm(xs, width + 1), images),
                                 mode="bilinear", align_corners=True)
-        sums = corners[:, :, 1:, 1:] - corners[:, :, :-1, 1:] - corners[:, :, 1:, :-1] + corners[:, :, :-1, :-1]
+        rows = corners[:, :, 1:] - corners[:, :, :-1]
+        sums = rows[..., 1:] - rows[..., :-1]
         small = sums / _column((height / shf) * (width / swf), images) + mean
         return _replicate_edges(small, sh, sw)
     a = torch.minimum(torch.arange(height)[None, :].double(), shf[:, None] - 1)
@@ -248,17 +252,19 @@ class LowResolution:
 # --------------------------------------------------------------------------- photometric
 
 
-def _brightness(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-    return (x * f).clamp_(0, 1)
+# ColorJitter's operations on [0, 1] pixels, rewritten for [-1, 1] ones: v -> 2v - 1 commutes with
+# blending two images, and brightness f*v becomes f*y + (f - 1).
+def _brightness(y: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    return (y * f).add_(f - 1).clamp_(-1, 1)
 
 
-def _contrast(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-    mean = _grey(x).mean((1, 2, 3), keepdim=True)
-    return (x * f + mean * (1 - f)).clamp_(0, 1)
+def _contrast(y: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    mean = _grey(y).mean((1, 2, 3), keepdim=True)
+    return (y * f).add_(mean * (1 - f)).clamp_(-1, 1)
 
 
-def _saturation(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-    return (x * f + _grey(x) * (1 - f)).clamp_(0, 1)
+def _saturation(y: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    return (y * f).add_(_grey(y) * (1 - f)).clamp_(-1, 1)
 
 
 class Photometric:
@@ -275,10 +281,9 @@ class Photometric:
         ops = (_brightness, _contrast, _saturation)
 
         def jitter(k: int, rows: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-            x = (x + 1) * 0.5
             for op in ORDERS[k]:
                 x = ops[op](x, _column(factors[rows, op], x))
-            return x * 2 - 1
+            return x
 
         return _per_group(images, _pick(u[:, 3], len(ORDERS)), len(ORDERS), jitter)
 
@@ -292,7 +297,7 @@ class Grayscale:
     draws = 0
 
     def __call__(self, images: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        return ((_grey((images + 1) * 0.5) * 2 - 1).clamp_(-1, 1)).repeat(1, 3, 1, 1)
+        return _grey(images).clamp_(-1, 1).repeat(1, 3, 1, 1)
 
 
 class Blur:

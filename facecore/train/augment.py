@@ -93,7 +93,8 @@ class Augmenter:
 
     def __call__(self, images: torch.Tensor, seed: int, epoch: int, batch: int, info: DistInfo) -> torch.Tensor:
         """Augment this rank's part of global batch ``batch`` of ``epoch``; ``images`` (N, 3, H, W) in [-1, 1]."""
-        n = images.shape[0]
+        given = images.untyped_storage().data_ptr()
+        n, owned = images.shape[0], False  # owned: ``images`` is our own copy and may be written in place
         for index, step in enumerate(self.steps):
             chosen, u = self.draw(index, seed, epoch, batch, n, info)
             rows = chosen.nonzero().squeeze(1)  # on the CPU: no device sync
@@ -101,10 +102,13 @@ class Augmenter:
                 continue
             if rows.numel() == n:
                 images = self._apply(step, images, u)
+                owned = images.untyped_storage().data_ptr() != given  # an augmentation may return its input
                 continue
             on_device = rows.to(images.device, non_blocking=True)
             out = self._apply(step, images.index_select(0, on_device), u[rows])
-            images = images.index_copy(0, on_device, out)
+            if not owned:
+                images, owned = images.clone(), True
+            images.index_copy_(0, on_device, out)
         return images
 
     @staticmethod
