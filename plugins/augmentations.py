@@ -3,7 +3,7 @@
 Each is called as ``aug(images, u)``: ``images`` (M, 3, H, W) float in [-1, 1] on the training
 device (the images of the batch chosen for it), ``u`` (M, aug.draws) uniform numbers in [0, 1)
 on the CPU, from which it takes every random parameter. Per-image parameters are applied
-vectorized (affine grids, grouped convolutions, broadcasting); the only Python loops run over
+vectorized (sampling grids, grouped convolutions, broadcasting); the only Python loops run over
 a handful of interpolation modes or orders, never over images. ``random_crop``,
 ``low_resolution`` and ``photometric`` follow AdaFace's training recipe (Kim et al. 2022):
 RandomResizedCrop's scale and ratio ranges, a down- then up-sampling to a side of 0.2-1.0 of
@@ -90,11 +90,14 @@ def _norm(coord: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def _grid(ys: torch.Tensor, xs: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """An (M, len(y), len(x), 2) sampling grid from per-image row and column coordinates (M, len)."""
-    grid = torch.empty(ys.shape[0], ys.shape[1], xs.shape[1], 2, dtype=like.dtype)
+    """An (M, len(y), len(x), 2) sampling grid on ``like``'s device from per-image row and column
+    coordinates (M, len) on the CPU; only the coordinates cross to the device."""
+    ys = ys.to(like.device, like.dtype, non_blocking=True)
+    xs = xs.to(like.device, like.dtype, non_blocking=True)
+    grid = like.new_empty(ys.shape[0], ys.shape[1], xs.shape[1], 2)
     grid[..., 0] = xs[:, None, :]
     grid[..., 1] = ys[:, :, None]
-    return grid.to(like.device, non_blocking=True)
+    return grid
 
 
 # --------------------------------------------------------------------------- flip
@@ -154,11 +157,12 @@ class RandomCrop:
         m, _, height, width = images.shape
         top, left, h, w = self.boxes(u, height, width)
         if self.mode == "pad":
-            rows, cols = torch.arange(height, dtype=torch.float64), torch.arange(width, dtype=torch.float64)
-            in_rows = (rows >= top[:, None]) & (rows < (top + h)[:, None])
-            in_cols = (cols >= left[:, None]) & (cols < (left + w)[:, None])
-            inside = (in_rows[:, :, None] & in_cols[:, None, :]).to(images.device, non_blocking=True)
-            return torch.where(inside[:, None], images, images.new_full((), BLACK))
+            box = torch.stack([top, top + h, left, left + w], 1).long().to(images.device, non_blocking=True)
+            rows = torch.arange(height, device=images.device).view(1, 1, height, 1)
+            cols = torch.arange(width, device=images.device).view(1, 1, 1, width)
+            inside = ((rows >= box[:, 0, None, None, None]) & (rows < box[:, 1, None, None, None])
+                      & (cols >= box[:, 2, None, None, None]) & (cols < box[:, 3, None, None, None]))
+            return torch.where(inside, images, images.new_full((), BLACK))
         # each output pixel's centre mapped into the box; edges repeat the box's own (crop, then resize)
         ys = top[:, None] + (torch.arange(height)[None, :] + 0.5) * (h[:, None] / height) - 0.5
         xs = left[:, None] + (torch.arange(width)[None, :] + 0.5) * (w[:, None] / width) - 0.5
