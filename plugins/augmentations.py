@@ -202,8 +202,7 @@ def shrink(images: torch.Tensor, sh: torch.Tensor, sw: torch.Tensor, mode: str) 
         xs = torch.minimum(torch.arange(width + 1)[None, :].double(), swf[:, None]) * (width / swf[:, None])
         corners = F.grid_sample(integral, _grid(_norm(ys, height + 1), _norm(xs, width + 1), images),
                                 mode="bilinear", align_corners=True)
-        rows = corners[:, :, 1:] - corners[:, :, :-1]
-        sums = rows[..., 1:] - rows[..., :-1]
+        sums = torch.diff(torch.diff(corners, dim=2), dim=3)
         small = sums / _column((height / shf) * (width / swf), images) + mean
         return _replicate_edges(small, sh, sw)
     a = torch.minimum(torch.arange(height)[None, :].double(), shf[:, None] - 1)

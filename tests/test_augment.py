@@ -68,6 +68,14 @@ def test_augmentations_are_pure_functions_of_seed_epoch_and_batch():
         assert not torch.equal(first, aug(x, *other, DistInfo()))
 
 
+def test_the_input_batch_is_left_alone_unless_inplace():
+    aug, x = augmenter(EVERYTHING), images(8)
+    original = x.clone()
+    out = aug(x, 5, 0, 3, DistInfo())
+    assert torch.equal(x, original) and not torch.equal(out, x)
+    assert torch.equal(aug(x, 5, 0, 3, DistInfo(), inplace=True), out)
+
+
 def test_p_is_the_chance_per_image():
     x = images(400, size=8)
     for p, low, high in ((0.0, 0, 0), (1.0, 400, 400), (0.2, 60, 100)):

@@ -91,10 +91,15 @@ class Augmenter:
             u = torch.empty(n, 0)
         return chosen, u
 
-    def __call__(self, images: torch.Tensor, seed: int, epoch: int, batch: int, info: DistInfo) -> torch.Tensor:
-        """Augment this rank's part of global batch ``batch`` of ``epoch``; ``images`` (N, 3, H, W) in [-1, 1]."""
-        given = images.untyped_storage().data_ptr()
-        n, owned = images.shape[0], False  # owned: ``images`` is our own copy and may be written in place
+    def __call__(self, images: torch.Tensor, seed: int, epoch: int, batch: int, info: DistInfo,
+                 inplace: bool = False) -> torch.Tensor:
+        """Augment this rank's part of global batch ``batch`` of ``epoch``; ``images`` (N, 3, H, W) in [-1, 1].
+
+        ``inplace``: the caller will not use ``images`` again, so the augmented images may be
+        written into it (saves a copy of the batch); otherwise ``images`` is left as it was.
+        """
+        given = -1 if inplace else images.untyped_storage().data_ptr()
+        n, owned = images.shape[0], inplace  # owned: ``images`` may be written in place
         for index, step in enumerate(self.steps):
             chosen, u = self.draw(index, seed, epoch, batch, n, info)
             rows = chosen.nonzero().squeeze(1)  # on the CPU: no device sync

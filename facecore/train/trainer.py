@@ -425,7 +425,7 @@ class Trainer:
             skipped = int((~keep).sum())  # counted on the CPU: no device sync on the hot path
             images = images.to(self.device, non_blocking=True)
             labels = labels.to(self.device, non_blocking=True)
-            images = self.augment(images, cfg["seed"], s.epoch, i, self.info)
+            images = self.augment(images, cfg["seed"], s.epoch, i, self.info, inplace=True)
             if skipped:
                 s.skipped_images += skipped
                 keep = keep.to(self.device)
