@@ -99,7 +99,7 @@ def test_an_augmentation_that_changes_the_shape_is_named():
         def __call__(self, images, u):
             return images[:, :, :4]
 
-    with pytest.raises(PluginError, match="augmentation 'shrinks' must return images of the shape"):
+    with pytest.raises(PluginError, match="augmentation 'shrinks' must return images of the shape, dtype and device"):
         Augmenter([Step("shrinks", 1.0, Shrinks())])(images(2), 0, 0, 0, DistInfo())
     bad = Shrinks()
     bad.draws = -1

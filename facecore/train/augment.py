@@ -119,16 +119,12 @@ class Augmenter:
     @staticmethod
     def _apply(step: Step, images: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         out = step.aug(images, u)
-        if not isinstance(out, torch.Tensor) or out.shape != images.shape or out.dtype != images.dtype:
-            got = f"{tuple(out.shape)} {out.dtype}" if isinstance(out, torch.Tensor) else type(out).__name__
-            raise PluginError(f"augmentation '{step.name}' must return images of the shape and dtype it was given "
-                              f"({tuple(images.shape)} {images.dtype}), got {got}")
+        if (not isinstance(out, torch.Tensor) or out.shape != images.shape or out.dtype != images.dtype
+                or out.device != images.device):
+            got = f"{tuple(out.shape)} {out.dtype} {out.device}" if isinstance(out, torch.Tensor) else type(out).__name__
+            raise PluginError(f"augmentation '{step.name}' must return images of the shape, dtype and device it was "
+                              f"given ({tuple(images.shape)} {images.dtype} {images.device}), got {got}")
         return out
 
 
-def preview_batch(augmenter: Augmenter, images: torch.Tensor, seed: int, epoch: int = 0, batch: int = 0) -> torch.Tensor:
-    """The augmented version of ``images`` as a single process sees batch ``batch`` of ``epoch``."""
-    return augmenter(images, seed, epoch, batch, DistInfo())
-
-
-__all__ = ["Augmenter", "Step", "preview_batch", "stream_seed"]
+__all__ = ["Augmenter", "Step", "stream_seed"]
