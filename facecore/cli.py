@@ -26,6 +26,7 @@ LAZY_COMMANDS: dict[str, str] = {
     "export": "facecore.commands.export:export",
     "pack": "facecore.commands.pack:pack",
     "demo-data": "facecore.commands.demo_data:demo_data",
+    "augment-preview": "facecore.commands.augment_preview:augment_preview",
 }
 
 

@@ -36,3 +36,14 @@ def register_schedulers(register):
 @hookspec
 def register_metrics(register):
     """Register metrics: ``factory(**options) -> callable(embeddings, issame) -> dict[str, float]``."""
+
+
+@hookspec
+def register_augmentations(register):
+    """Register batch augmentations: ``factory(**options) -> aug`` called as ``aug(images, u) -> images``.
+
+    ``images`` (M, 3, H, W) float in [-1, 1] on the training device are the images of the batch
+    chosen for this augmentation; ``u`` (M, aug.draws) float32 on the CPU holds uniform random
+    numbers in [0, 1) drawn by the core from (seed, epoch, batch, global position), the only
+    randomness an augmentation may use, so runs stay exact for any number of ranks and on resume.
+    """

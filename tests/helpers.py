@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -65,3 +66,12 @@ class TinyBackbonePlugin:
     @hookimpl
     def register_backbones(self, register):
         register(self.name, TinyNet, description="test backbone")
+
+
+def former_flip(images: torch.Tensor, seed: int, epoch: int, batch: int, info: Any) -> torch.Tensor:
+    """The trainer's built-in flip before augmentations became plugins (facecore 0.1.0)."""
+    gen = torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 1_000_003 + batch)
+    n = images.shape[0]
+    mask = torch.rand(n * info.world_size, generator=gen) < 0.5
+    mask = mask[info.rank :: info.world_size][:n].to(images.device)
+    return torch.where(mask[:, None, None, None], images.flip(3), images)

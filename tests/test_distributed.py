@@ -16,7 +16,7 @@ from facecore.core.checkpoint import load_checkpoint
 pytestmark = pytest.mark.slow
 
 # BatchNorm statistics are per rank (as in arcface_torch), so the equivalence is checked on a
-# backbone without it: everything else -- sampler, flips, DDP averaging, the sharded
+# backbone without it: everything else -- sampler, augmentations, DDP averaging, the sharded
 # classifier's gathers and distributed softmax -- is the real code path.
 PROBE = """
 import torch
@@ -50,13 +50,18 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     return data, env
 
 
-def run(tmp: Path, data: Path, env: dict, processes: int, shard: bool, *extra: str) -> dict:
+# Augmentations on, so their per-position random numbers are checked across world sizes too.
+AUGMENT = ["flip", {"name": "random_crop", "p": 0.5}, {"name": "low_resolution", "p": 0.5},
+           {"name": "photometric", "p": 0.5}, {"name": "blur", "p": 0.3}]
+
+
+def run(tmp: Path, data: Path, env: dict, processes: int, shard: bool, *extra: str, augment: list | None = None) -> dict:
     config = {
         "seed": 3,
         "device": "cpu",
         "model": {"backbone": "probe", "embedding_size": 16},
         "head": {"type": "cosface", "scale": 16.0, "margin": 0.2, "shard": shard},
-        "data": {"root": str(data), "batch_size": 16 // processes, "num_workers": 0},
+        "data": {"root": str(data), "batch_size": 16 // processes, "num_workers": 0, "augment": augment or ["flip"]},
         "training": {"epochs": 2, "lr": 0.1, "scheduler": "cosine", "warmup_epochs": 0.5},
         "checkpoint": {"save_dir": str(tmp / "runs")},
         "logging": {"log_dir": str(tmp / "logs"), "tensorboard": False},
@@ -75,8 +80,8 @@ def run(tmp: Path, data: Path, env: dict, processes: int, shard: bool, *extra: s
 @pytest.mark.parametrize("shard", [False, True], ids=["replicated-centers", "sharded-centers"])
 def test_two_processes_match_one_with_the_same_global_batch(setup, tmp_path: Path, shard: bool) -> None:
     data, env = setup
-    one = run(tmp_path / "one", data, env, 1, shard)
-    two = run(tmp_path / "two", data, env, 2, shard)
+    one = run(tmp_path / "one", data, env, 1, shard, augment=AUGMENT)
+    two = run(tmp_path / "two", data, env, 2, shard, augment=AUGMENT)
     assert one["step"] == two["step"] == 2 * (48 // 16)
     assert two["world_size"] == 2
     for part in ("backbone", "classifier"):

@@ -1,4 +1,5 @@
-"""The training loop: reproducibility, files written, checks before the first step, NaN stop, resume."""
+"""The training loop: reproducibility, files written, checks before the first step, NaN stop, resume
+(with every bundled augmentation on), the default augmentation list."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import make_tiny_data, subprocess_env
+from helpers import former_flip, make_tiny_data, subprocess_env
 
 from facecore import CheckpointError, DataError, TrainingError, hookimpl
 from facecore.core.checkpoint import load_checkpoint, save_checkpoint
@@ -178,11 +179,37 @@ def test_resume_flag_without_runs_is_a_clear_error(tiny_data: Path, tmp_path: Pa
     assert out.returncode != 0 and "found no run to continue" in out.stderr and "Traceback" not in out.stderr
 
 
+# Every bundled augmentation, so the kill/resume test also covers their random numbers.
+ALL_AUGMENTATIONS = ["flip", {"name": "random_crop", "p": 0.3}, {"name": "random_crop", "p": 0.3, "mode": "pad"},
+                     {"name": "low_resolution", "p": 0.3}, {"name": "photometric", "p": 0.3},
+                     {"name": "grayscale", "p": 0.2}, {"name": "blur", "p": 0.3}]
+
+
+def augmented(data: Path, out: Path, augment: list, **sections: dict) -> dict:
+    """``tiny_config`` with ``data.augment`` set."""
+    config = raw_config(data, out, **sections)
+    config["data"]["augment"] = augment
+    return validate_config(config)
+
+
+def test_the_default_augmentation_trains_the_weights_of_the_former_builtin_flip(
+        tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import facecore.train.trainer as trainer_module
+
+    default = train(tiny_config(tiny_data, tmp_path / "default", training={"epochs": 1}), verbose=False)
+    none = train(augmented(tiny_data, tmp_path / "none", [], training={"epochs": 1}), verbose=False)
+    monkeypatch.setattr(trainer_module.Augmenter, "from_config", classmethod(lambda cls, config: former_flip))
+    former = train(tiny_config(tiny_data, tmp_path / "former", training={"epochs": 1}), verbose=False)
+    assert_same_weights(final_weights(default["run_dir"]), final_weights(former["run_dir"]))
+    a, b = final_weights(default["run_dir"]), final_weights(none["run_dir"])
+    assert any(not torch.equal(a[k], b[k]) for k in a if a[k].is_floating_point())  # the flips do matter
+
+
 @pytest.mark.slow
 def test_killed_run_resumed_ends_with_the_weights_of_an_uninterrupted_run(tiny_data: Path, tmp_path: Path) -> None:
     def config_file(name: str) -> Path:
-        cfg = tiny_config(tiny_data, tmp_path / name, training={"epochs": 3},
-                          checkpoint={"save_dir": str(tmp_path / name / "runs"), "save_every_steps": 1})
+        cfg = augmented(tiny_data, tmp_path / name, ALL_AUGMENTATIONS, training={"epochs": 3},
+                        checkpoint={"save_dir": str(tmp_path / name / "runs"), "save_every_steps": 1})
         path = tmp_path / f"{name}.yaml"
         path.write_text(yaml.safe_dump(cfg))
         return path

@@ -20,6 +20,8 @@ from . import user_errors
 @click.option("--pairs", default=3000, show_default=True, type=click.IntRange(min=20),
               help="Verification pairs, half same-identity, half different.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed; the same seed gives the same files.")
+@click.option("--degraded", is_flag=True, help="Also write test_degraded.bin: the same pairs with low-resolution, "
+              "off-centre, badly lit images (docs/synthetic-data.md).")
 @click.option("--force", is_flag=True, help="Regenerate even when OUT_DIR already holds this data, "
               "or write into a non-empty folder.")
 @click.option("--ijb", "ijb_dir", type=click.Path(file_okay=False), metavar="IJB_DIR",
@@ -27,7 +29,8 @@ from . import user_errors
                    "into IJB_DIR/IJBC (loose crops, landmarks, detector scores, template pairs) for 'facecore eval --ijb'.")
 @user_errors
 def demo_data(out_dir: str | None, train_identities: int, images_per_identity: int, test_identities: int,
-              test_images_per_identity: int, pairs: int, seed: int, force: bool, ijb_dir: str | None) -> None:
+              test_images_per_identity: int, pairs: int, seed: int, degraded: bool, force: bool,
+              ijb_dir: str | None) -> None:
     """Generate synthetic face identities for the quick start into OUT_DIR.
 
     Writes train/ (train.rec, train.idx, property: data.root for training), test.bin
@@ -50,7 +53,7 @@ def demo_data(out_dir: str | None, train_identities: int, images_per_identity: i
     summary = make_demo_data(
         out_dir, train_identities=train_identities, images_per_identity=images_per_identity,
         test_identities=test_identities, test_images_per_identity=test_images_per_identity,
-        pairs=pairs, seed=seed, force=force,
+        pairs=pairs, seed=seed, force=force, degraded=degraded,
     )
     if summary["reused"]:
         click.echo(f"{out_dir} already holds this demo data (same settings); nothing regenerated (--force to redo).")
@@ -60,5 +63,8 @@ def demo_data(out_dir: str | None, train_identities: int, images_per_identity: i
                f"{summary['train_identities']} identities (train.rec, train.idx, property)")
     click.echo(f"  test pairs    {summary['test_bin']}  {summary['pairs']} pairs from {summary['test_images']} images "
                f"of {summary['test_identities']} held-out identities (list: {summary['test_pairs']})")
+    if degraded:
+        click.echo(f"  degraded pairs {summary['test_degraded_bin']}  the same pairs, images degraded "
+                   f"(raw-pixel baseline {100 * summary['raw_pixel_accuracy_degraded']:.1f}%)")
     click.echo(f"  raw-pixel baseline: {100 * summary['raw_pixel_accuracy']:.1f}% 10-fold verification accuracy "
                "(cosine of the pixels; a trained model should be far above it)")

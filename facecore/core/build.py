@@ -81,6 +81,23 @@ def build_metrics(config: dict) -> list[tuple[str, Callable[..., dict]]]:
     return out
 
 
+def build_augmentations(config: dict) -> list[tuple[str, float, Callable[..., Any]]]:
+    """The ``data.augment`` list as (name, p, augmentation) triples, in order.
+
+    ``p`` is a core key of each entry (the chance an image gets it), not an option of the plugin;
+    an entry that leaves it out gets the schema's default.
+    """
+    from .config import core_schema, spec_core_keys
+
+    default_p = spec_core_keys(core_schema()["properties"]["data"]["properties"]["augment"], True)["p"]["default"]
+    out = []
+    for spec in config["data"]["augment"]:
+        name, options = spec_name_options(spec)
+        p = options.pop("p", default_p)
+        out.append((name, float(p), create("augmentations", name, **options)))
+    return out
+
+
 def build_scheduler(config: dict, optimizer: Any, steps_per_epoch: int) -> Any:
     """The per-step LR schedule named by ``training.scheduler``."""
     training = config["training"]

@@ -31,7 +31,10 @@ SECTION_SLOTS: tuple[tuple[str, str, str], ...] = (
 SPEC_SLOTS: tuple[tuple[str, str, str, bool], ...] = (
     ("training", "scheduler", "schedulers", False),
     ("eval", "metrics", "metrics", True),
+    ("data", "augment", "augmentations", True),
 )
+# A {name: ...} entry may also hold core keys that the core schema declares beside ``name``
+# (data.augment's ``p``); they are validated with the plugin's options but not passed to it.
 # eval.dataset only names a plugin: the pair-set reader (checked by _check_pair_reader).
 
 
@@ -242,11 +245,20 @@ def _extend_section(section_schema: dict, reg: Registration) -> None:
         section_schema.setdefault("allOf", []).append(extra)
 
 
-def _spec_schema(reg: Registration) -> dict:
+def spec_core_keys(slot_schema: dict, many: bool) -> dict:
+    """The core keys besides ``name`` that a slot's ``{name: ...}`` entries take, from the core schema."""
+    item = slot_schema.get("items", {}) if many else slot_schema
+    for branch in item.get("anyOf", []):
+        if isinstance(branch, dict) and branch.get("type") == "object":
+            return {k: v for k, v in branch.get("properties", {}).items() if k != "name"}
+    return {}
+
+
+def _spec_schema(reg: Registration, core_keys: dict) -> dict:
     props, required = _plugin_properties(reg)
     return {
         "type": "object",
-        "properties": {"name": {"type": "string"}, **props},
+        "properties": {"name": {"type": "string"}, **props, **core_keys},
         "required": ["name", *required],
         "additionalProperties": False,
         **_object_constraints(reg),
@@ -292,6 +304,7 @@ def _compose_specs(config: dict, props: dict, errors: list[str]) -> None:
         values = node[key] if many else [node[key]]
         if not isinstance(values, list):
             continue
+        core_keys = spec_core_keys(props[section]["properties"][key], many)
         item_schemas = []
         for i, spec in enumerate(values):
             path = f"{section}.{key}[{i}]" if many else f"{section}.{key}"
@@ -300,7 +313,7 @@ def _compose_specs(config: dict, props: dict, errors: list[str]) -> None:
             if reg is None:
                 item_schemas.append({})
             elif isinstance(spec, dict):
-                item_schemas.append(_spec_schema(reg))
+                item_schemas.append(_spec_schema(reg, core_keys))
             else:
                 _, required = _plugin_properties(reg)
                 if required:
@@ -462,6 +475,7 @@ __all__ = [
     "parse_override",
     "read_yaml",
     "section_options",
+    "spec_core_keys",
     "spec_name_options",
     "validate_config",
     "yaml_load",

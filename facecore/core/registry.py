@@ -9,7 +9,7 @@ from typing import Any, Callable
 
 from ..errors import PluginError
 
-GROUPS: tuple[str, ...] = ("backbones", "heads", "datasets", "schedulers", "metrics")
+GROUPS: tuple[str, ...] = ("backbones", "heads", "datasets", "schedulers", "metrics", "augmentations")
 
 # Arguments the core itself always passes to a group's factories; they are part of
 # the group's contract, not options, so they are not validated by the plugin's schema.
@@ -19,6 +19,7 @@ CONTEXT_ARGS: dict[str, tuple[str, ...]] = {
     "datasets": ("train",),
     "schedulers": ("optimizer", "steps_per_epoch", "epochs", "warmup_epochs"),
     "metrics": (),
+    "augmentations": (),
 }
 
 # Context arguments every factory of the group must accept (training datasets get
@@ -29,6 +30,7 @@ REQUIRED_CONTEXT_ARGS: dict[str, tuple[str, ...]] = {
     "datasets": (),
     "schedulers": ("optimizer", "steps_per_epoch", "epochs", "warmup_epochs"),
     "metrics": (),
+    "augmentations": (),
 }
 
 SINGULAR = {
@@ -37,6 +39,7 @@ SINGULAR = {
     "datasets": "dataset",
     "schedulers": "scheduler",
     "metrics": "metric",
+    "augmentations": "augmentation",
 }
 
 

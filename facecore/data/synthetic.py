@@ -592,6 +592,7 @@ def raw_pixel_baseline(path: str | os.PathLike) -> float:
 
 
 OUTPUTS = ("train_images", "train", "test_images", "test_pairs.txt", "test.bin")
+DEGRADED_OUTPUTS = ("test_degraded_images", "test_degraded_pairs.txt", "test_degraded.bin")
 MANIFEST = "manifest.json"
 
 
@@ -620,13 +621,16 @@ def _check_sizes(train_identities: int, images_per_identity: int, test_identitie
 
 def make_demo_data(out_dir: str | os.PathLike, *, train_identities: int = 500, images_per_identity: int = 20,
                    test_identities: int = 100, test_images_per_identity: int = 10, pairs: int = 3000,
-                   seed: int = 0, force: bool = False, workers: int | None = None, progress: bool = True) -> dict:
+                   seed: int = 0, force: bool = False, workers: int | None = None, progress: bool = True,
+                   degraded: bool = False) -> dict:
     """Generate the quick-start data set under ``out_dir`` and return a summary.
 
     Writes ``train_images/`` (an image folder) packed into ``train/`` (train.rec, train.idx,
     property), held-out identities in ``test_images/`` with a balanced ``test_pairs.txt``
-    packed into ``test.bin``, and ``manifest.json``. When the manifest shows the same
-    parameters (and ``force`` is False) nothing is regenerated.
+    packed into ``test.bin``, and ``manifest.json``. With ``degraded``, also a low-quality copy
+    of the held-out images (``facecore.data.degrade``) in ``test_degraded_images/`` with the same
+    pairs, packed into ``test_degraded.bin``. When the manifest shows the same parameters (and
+    ``force`` is False) nothing is regenerated.
     """
     from .packing import pack_bin, pack_rec
 
@@ -636,12 +640,15 @@ def make_demo_data(out_dir: str | os.PathLike, *, train_identities: int = 500, i
         raise DataError(f"{out} is a file; demo-data needs a folder to write into")
     params = {"generator": GENERATOR_VERSION, "train_identities": train_identities,
               "images_per_identity": images_per_identity, "test_identities": test_identities,
-              "test_images_per_identity": test_images_per_identity, "pairs": pairs, "seed": seed}
+              "test_images_per_identity": test_images_per_identity, "pairs": pairs, "seed": seed,
+              "degraded": degraded}
+    outputs = OUTPUTS + (DEGRADED_OUTPUTS if degraded else ())
     manifest = out / MANIFEST
     old = _read_manifest(manifest)
-    if not force and old is not None and old.get("params") == params and all((out / n).exists() for n in OUTPUTS):
+    if not force and old is not None and old.get("params") == params and all((out / n).exists() for n in outputs):
         return {**old["summary"], "reused": True}
-    foreign = sorted(p.name for p in out.iterdir() if p.name not in (*OUTPUTS, MANIFEST)) if out.is_dir() else []
+    known = (*OUTPUTS, *DEGRADED_OUTPUTS, MANIFEST)
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in known) if out.is_dir() else []
     if old is None and foreign and not force:
         raise DataError(f"{out} holds other files ({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}) "
                         "and no manifest.json from `facecore demo-data`; choose a new or empty folder, or pass "
@@ -649,7 +656,7 @@ def make_demo_data(out_dir: str | os.PathLike, *, train_identities: int = 500, i
     start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     manifest.unlink(missing_ok=True)  # an interrupted run must not look complete
-    for name in OUTPUTS:
+    for name in OUTPUTS + DEGRADED_OUTPUTS:
         target = out / name
         if target.is_dir():
             shutil.rmtree(target)
@@ -675,8 +682,16 @@ def make_demo_data(out_dir: str | os.PathLike, *, train_identities: int = 500, i
         "test_images": n_test,
         "pairs": n_pairs,
         "raw_pixel_accuracy": raw_pixel_baseline(out / "test.bin"),
-        "seconds": round(time.perf_counter() - start, 1),
     }
+    if degraded:
+        from .degrade import degrade_folder
+
+        degrade_folder(out / "test_images", out / "test_degraded_images", seed=seed)
+        write_pairs(out / "test_degraded_images", out / "test_degraded_pairs.txt", pairs, seed=seed)
+        pack_bin(out / "test_degraded_pairs.txt", out / "test_degraded.bin", progress=progress)
+        summary["test_degraded_bin"] = str(out / "test_degraded.bin")
+        summary["raw_pixel_accuracy_degraded"] = raw_pixel_baseline(out / "test_degraded.bin")
+    summary["seconds"] = round(time.perf_counter() - start, 1)
     manifest.write_text(json.dumps({"params": params, "summary": summary}, indent=2) + "\n")
     return {**summary, "reused": False}
 

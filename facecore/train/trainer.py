@@ -27,10 +27,11 @@ from ..core.build import build_backbone, build_head, build_metrics, build_pair_s
 from ..core.checkpoint import load_checkpoint, save_checkpoint
 from ..data.images import model_input
 from ..errors import CheckpointError, DataError, TrainingError
+from .augment import Augmenter
 from .classifier import check_labels
 from .loss_window import LossWindow
 from .runs import RunWriter, new_run_dir, newest_checkpoint, setup_logging
-from ..core.runtime import DistInfo, capture_rng, device_for, init_distributed, restore_rng, seed_everything
+from ..core.runtime import capture_rng, device_for, init_distributed, restore_rng, seed_everything
 
 
 class ResumableSampler(Sampler[int]):
@@ -65,19 +66,6 @@ def classify(classifier: nn.Module, embeddings: torch.Tensor, labels: torch.Tens
     """The margin classifier's loss in float32, whatever autocast the backbone ran under."""
     with torch.autocast(embeddings.device.type, enabled=False):
         return classifier(embeddings.float(), labels)
-
-
-def flip_batch(images: torch.Tensor, seed: int, epoch: int, batch: int, info: DistInfo) -> torch.Tensor:
-    """Random horizontal flips as a pure function of (seed, epoch, batch, global position).
-
-    Doing this here rather than in the dataset makes runs identical for any number of data
-    workers or ranks, and after a resume.
-    """
-    gen = torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 1_000_003 + batch)
-    n = images.shape[0]
-    mask = torch.rand(n * info.world_size, generator=gen) < 0.5
-    mask = mask[info.rank :: info.world_size][:n].to(images.device, non_blocking=True)  # a blocking copy would sync
-    return torch.where(mask[:, None, None, None], images.flip(3), images)
 
 
 @dataclass
@@ -117,7 +105,8 @@ class Trainer:
 
     def _build_data(self) -> None:
         cfg, info = self.config, self.info
-        self.dataset = build_train_dataset(cfg, train=False)  # flips happen in flip_batch
+        self.dataset = build_train_dataset(cfg, train=False)  # augmentations happen in self.augment
+        self.augment = Augmenter.from_config(cfg)
         num = int(getattr(self.dataset, "num_classes", 0))
         declared = cfg["head"]["num_classes"]
         if declared is not None and declared != num:
@@ -554,7 +543,7 @@ class Trainer:
             images = images.to(self.device, non_blocking=True)
             labels = labels.to(self.device, non_blocking=True)
             images = model_input(images, self.images_from)  # uint8 -> float32 in [-1, 1], on the device
-            images = flip_batch(images, cfg["seed"], s.epoch, i, self.info)
+            images = self.augment(images, cfg["seed"], s.epoch, i, self.info, inplace=True)
             if skipped:
                 s.skipped_images += skipped
                 keep = keep.to(self.device, non_blocking=True)
