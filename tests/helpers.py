@@ -68,8 +68,8 @@ class TinyBackbonePlugin:
         register(self.name, TinyNet, description="test backbone")
 
 
-def former_flip(images: torch.Tensor, seed: int, epoch: int, batch: int, info: Any) -> torch.Tensor:
-    """The trainer's built-in flip before augmentations became plugins (facecore 0.1.0)."""
+def former_flip(images: torch.Tensor, seed: int, epoch: int, batch: int, info: Any, inplace: bool = False) -> torch.Tensor:
+    """The trainer's built-in flip before augmentations became plugins (facecore 0.1.0); ``inplace`` is ignored."""
     gen = torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 1_000_003 + batch)
     n = images.shape[0]
     mask = torch.rand(n * info.world_size, generator=gen) < 0.5
