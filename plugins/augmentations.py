@@ -3,8 +3,9 @@
 Each is called as ``aug(images, u)``: ``images`` (M, 3, H, W) float in [-1, 1] on the training
 device (the images of the batch chosen for it), ``u`` (M, aug.draws) uniform numbers in [0, 1)
 on the CPU, from which it takes every random parameter. Per-image parameters are applied
-vectorized (sampling grids, grouped convolutions, broadcasting); the only Python loops run over
-a handful of interpolation modes or orders, never over images. ``random_crop``,
+vectorized (sampling grids, grouped convolutions, batched matrix products, broadcasting); the
+only Python loops run over a handful of interpolation modes or orders, or look up cached
+per-image matrices, never run arithmetic per image. ``random_crop``,
 ``low_resolution`` and ``photometric`` follow AdaFace's training recipe (Kim et al. 2022):
 RandomResizedCrop's scale and ratio ranges, a down- then up-sampling to a side of 0.2-1.0 of
 the original with random interpolations, and ColorJitter's brightness, contrast and saturation.
@@ -12,6 +13,7 @@ the original with random interpolations, and ColorJitter's brightness, contrast 
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from typing import Sequence
@@ -175,59 +177,96 @@ class RandomCrop:
 # --------------------------------------------------------------------------- low_resolution
 
 
-def _replicate_edges(small: torch.Tensor, sh: torch.Tensor, sw: torch.Tensor) -> torch.Tensor:
-    """Rows >= sh and columns >= sw copy the last valid row/column (per image)."""
-    m, c, height, width = small.shape
-    last_row = (sh - 1).to(small.device, non_blocking=True).view(m, 1, 1, 1)
-    last_col = (sw - 1).to(small.device, non_blocking=True).view(m, 1, 1, 1)
-    below = torch.arange(height, device=small.device).view(1, 1, height, 1) > last_row
-    right = torch.arange(width, device=small.device).view(1, 1, 1, width) > last_col
-    small = torch.where(below, small.gather(2, last_row.expand(m, c, 1, width)), small)
-    return torch.where(right, small.gather(3, last_col.expand(m, c, height, 1)), small)
+CUBIC_A = -0.75  # the bicubic kernel's parameter in cv2, PIL's "bicubic" family and torch's grid_sample
 
 
-def shrink(images: torch.Tensor, sh: torch.Tensor, sw: torch.Tensor, mode: str) -> torch.Tensor:
-    """Each image resampled to sh x sw pixels (per-image CPU integer tensors), stored in the top-left
-    corner of a full-size tensor whose other rows and columns repeat the last ones.
+def _taps(weights: torch.Tensor, index: torch.Tensor, columns: int) -> torch.Tensor:
+    """Rows of a resampling matrix: ``weights`` (M, out, taps) at column ``index`` (same shape), summed
+    where taps meet (clamped edge indices), as an (M, out, columns) float64 tensor."""
+    m, out, _ = weights.shape
+    return torch.zeros(m, out, columns, dtype=torch.float64).scatter_add_(2, index, weights)
 
-    ``nearest`` and ``bilinear`` sample each small pixel's centre; ``area`` averages the input over
-    the small pixel's footprint, exactly, from bilinear samples of the integral image.
-    """
-    m, c, height, width = images.shape
-    shf, swf = sh.double(), sw.double()
+
+def _cubic(t: torch.Tensor) -> torch.Tensor:
+    """The four cubic-convolution weights for fractional offsets ``t`` in [0, 1): taps -1, 0, 1, 2."""
+    a = CUBIC_A
+    d = torch.stack([t + 1, t, 1 - t, 2 - t], -1)
+    near = ((a + 2) * d - (a + 3)) * d * d + 1  # |d| <= 1
+    far = ((a * d - 5 * a) * d + 8 * a) * d - 4 * a  # 1 < |d| < 2
+    return torch.where(d <= 1, near, far)
+
+
+def shrink_matrix(n: int, small: torch.Tensor, mode: str) -> torch.Tensor:
+    """(M, n, n) float64: row ``i < small[m]`` of matrix ``m`` maps ``n`` input pixels to small pixel ``i``
+    (rows from ``small[m]`` on are 0). ``nearest`` and ``bilinear`` sample each small pixel's centre
+    (edges repeated); ``area`` averages the input over the small pixel's footprint, exactly."""
+    size = small.double()[:, None, None]  # (M, 1, 1)
+    i = torch.arange(n, dtype=torch.float64)[None, :, None]  # small pixel index (n rows; the first `small` count)
+    valid = i < size
+    step = n / size
     if mode == "area":
-        mean = images.mean((2, 3), keepdim=True)  # centred, the running sums stay small: float32 keeps them exact
-        integral = F.pad((images - mean).cumsum(2).cumsum(3), (1, 0, 1, 0))  # (M, C, H + 1, W + 1)
-        ys = torch.minimum(torch.arange(height + 1)[None, :].double(), shf[:, None]) * (height / shf[:, None])
-        xs = torch.minimum(torch.arange(width + 1)[None, :].double(), swf[:, None]) * (width / swf[:, None])
-        corners = F.grid_sample(integral, _grid(_norm(ys, height + 1), _norm(xs, width + 1), images),
-                                mode="bilinear", align_corners=True)
-        sums = torch.diff(torch.diff(corners, dim=2), dim=3)
-        small = sums / _column((height / shf) * (width / swf), images) + mean
-        return _replicate_edges(small, sh, sw)
-    a = torch.minimum(torch.arange(height)[None, :].double(), shf[:, None] - 1)
-    b = torch.minimum(torch.arange(width)[None, :].double(), swf[:, None] - 1)
-    ys = (a + 0.5) * (height / shf[:, None]) - 0.5  # the small pixel's centre, in input pixel indices
-    xs = (b + 0.5) * (width / swf[:, None]) - 0.5
-    return F.grid_sample(images, _grid(_norm(ys, height), _norm(xs, width), images), mode=mode,
-                         padding_mode="border", align_corners=True)
+        j = torch.arange(n, dtype=torch.float64)[None, None, :]  # input pixel [j, j + 1)
+        lo, hi = i * step, (i + 1) * step
+        overlap = (torch.minimum(hi, j + 1) - torch.maximum(lo, j)).clamp_(min=0)
+        return torch.where(valid, overlap / step, 0.0)
+    y = (i + 0.5) * step - 0.5  # the small pixel's centre in input pixel indices, (M, n, 1)
+    if mode == "nearest":
+        weights, index = torch.ones_like(y), torch.round(y).clamp(0, n - 1).long()
+    else:  # bilinear
+        y = y.clamp(0, n - 1)
+        base = torch.floor(y)
+        t = y - base
+        weights, index = torch.cat([1 - t, t], -1), torch.cat([base, base + 1], -1).clamp(0, n - 1).long()
+    return torch.where(valid, _taps(weights, index.expand_as(weights), n), 0.0)
 
 
-def enlarge(small: torch.Tensor, sh: torch.Tensor, sw: torch.Tensor, mode: str) -> torch.Tensor:
-    """The sh x sw top-left corner of each image resampled back to the full size (half-pixel centres,
-    edges repeated, as cv2.resize)."""
-    m, c, height, width = small.shape
-    shf, swf = sh.double(), sw.double()
-    ys = ((torch.arange(height)[None, :] + 0.5) * (shf[:, None] / height) - 0.5).clamp(min=0)
-    xs = ((torch.arange(width)[None, :] + 0.5) * (swf[:, None] / width) - 0.5).clamp(min=0)
-    ys, xs = torch.minimum(ys, shf[:, None] - 1), torch.minimum(xs, swf[:, None] - 1)
-    return F.grid_sample(small, _grid(_norm(ys, height), _norm(xs, width), small), mode=mode,
-                         padding_mode="border", align_corners=True)
+def enlarge_matrix(n: int, small: torch.Tensor, mode: str) -> torch.Tensor:
+    """(M, n, n) float64: maps the first ``small[m]`` pixels back to ``n`` (half-pixel centres, edges
+    repeated, as cv2.resize and torch's interpolate without antialiasing)."""
+    size = small.double()[:, None, None]
+    i = torch.arange(n, dtype=torch.float64)[None, :, None]
+    y = (i + 0.5) * (size / n) - 0.5  # (M, n, 1)
+    if mode != "bicubic":  # cubic taps reach past the edge and repeat it there; the others clamp the centre
+        y = torch.minimum(y.clamp(min=0), size - 1)
+    last = (size - 1).long()
+    if mode == "nearest":
+        weights, index = torch.ones_like(y), torch.round(y).long()
+    else:
+        base = torch.floor(y)
+        t = y - base
+        if mode == "bilinear":
+            weights, offsets = torch.cat([1 - t, t], -1), torch.arange(2, dtype=torch.float64)
+        else:  # bicubic
+            weights, offsets = _cubic(t.squeeze(-1)), torch.arange(-1, 3, dtype=torch.float64)
+        index = base + offsets
+    index = torch.minimum(index.clamp(min=0).long(), last)
+    return _taps(weights, index.expand_as(weights), n)
+
+
+@functools.lru_cache(maxsize=4096)
+def resampling_matrix(n: int, side: int, down: str, up: str) -> torch.Tensor:
+    """The (n, n) float32 matrix of shrinking ``n`` pixels to ``side`` with ``down`` and enlarging back
+    with ``up``; cached, as there are only n x 9 of them per image size (about 45 KiB each at 112)."""
+    small = torch.tensor([side])
+    return (enlarge_matrix(n, small, up) @ shrink_matrix(n, small, down))[0].float()
+
+
+def resample(images: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """``rows[m] @ image[m] @ cols[m].T`` for every channel: a separable resampling, (M, n, n) CPU
+    matrices moved to the images' device once."""
+    rows = rows.to(images.device, images.dtype, non_blocking=True)[:, None]
+    cols = cols.to(images.device, images.dtype, non_blocking=True)[:, None]
+    return torch.matmul(torch.matmul(rows, images), cols.transpose(-1, -2))
 
 
 class LowResolution:
     """Down-sample to a random side (``scale`` of the original) with a random interpolation from
-    ``down``, then back up with one from ``up``: the blur and blockiness of a small face."""
+    ``down``, then back up with one from ``up``: the blur and blockiness of a small face.
+
+    Shrinking then enlarging is linear along each axis, so both steps are one (H x H) matrix for
+    the rows and one (W x W) for the columns per image, built on the CPU from the per-image
+    sides and modes; the device does two batched matrix products.
+    """
 
     draws = 3
 
@@ -242,14 +281,20 @@ class LowResolution:
         sw = torch.floor(ratio * width).long().clamp_(1, width)
         return sh, sw
 
+    def matrices(self, u: torch.Tensor, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-image (M, H, H) row and (M, W, W) column matrices of the down- then up-sampling."""
+        sh, sw = self.sides(u, height, width)
+        down, up = _pick(u[:, 1], len(self.down)), _pick(u[:, 2], len(self.up))
+        modes = [(self.down[d], self.up[e]) for d, e in zip(down.tolist(), up.tolist())]
+        rows = torch.stack([resampling_matrix(height, side, *m) for side, m in zip(sh.tolist(), modes)])
+        if height == width:  # square images: the same sides, the same matrices
+            return rows, rows
+        return rows, torch.stack([resampling_matrix(width, side, *m) for side, m in zip(sw.tolist(), modes)])
+
     def __call__(self, images: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         _, _, height, width = images.shape
-        sh, sw = self.sides(u, height, width)
-        small = _per_group(images, _pick(u[:, 1], len(self.down)), len(self.down),
-                           lambda k, rows, x: shrink(x, sh[rows], sw[rows], self.down[k]))
-        out = _per_group(small, _pick(u[:, 2], len(self.up)), len(self.up),
-                         lambda k, rows, x: enlarge(x, sh[rows], sw[rows], self.up[k]))
-        return out.clamp_(-1.0, 1.0)
+        rows, cols = self.matrices(u, height, width)
+        return resample(images, rows, cols).clamp_(-1.0, 1.0)
 
 
 # --------------------------------------------------------------------------- photometric

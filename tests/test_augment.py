@@ -191,6 +191,17 @@ def test_low_resolution_area_then_nearest_is_block_averaging():
     torch.testing.assert_close(out, blocks, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("side", [16, 20, 7])
+@pytest.mark.parametrize("up", ["bilinear", "bicubic"])
+def test_low_resolution_matches_interpolate_without_antialiasing(side: int, up: str):
+    """Bilinear down, then bilinear or bicubic up: torch's (and cv2's) half-pixel resize, edges repeated."""
+    x = images(4, size=32)
+    aug = one("low_resolution", scale=[side / 32, side / 32], down=["bilinear"], up=[up])
+    expected = F.interpolate(F.interpolate(x, size=(side, side), mode="bilinear", align_corners=False),
+                             size=(32, 32), mode=up, align_corners=False).clamp(-1, 1)
+    torch.testing.assert_close(aug(x, 0, 0, 0, DistInfo()), expected, atol=2e-5, rtol=0)
+
+
 def test_low_resolution_loses_detail_in_proportion_to_the_scale():
     x = images(8, size=64) + 0.3 * (torch.rand(8, 3, 64, 64, generator=torch.Generator().manual_seed(1)) - 0.5)
     errors = []
