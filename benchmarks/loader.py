@@ -261,7 +261,7 @@ def main() -> None:
     measures: dict[str, Callable[[int, int], float]] = {
         "raw read, pread (random keys)": clock(reader.read, keys),
         "raw read, mmap (random keys)": clock(mm.read, keys),
-        "decode only, torchvision op (ceiling)": clock(fimages.decode_chw, payloads),
+        "decode only, the JPEG decoder in use (ceiling)": clock(fimages.decode_chw, payloads),
         "decode only, Pillow": clock(fimages._pil_decode, payloads),
         "dataset[i] uint8: read + decode + flip (now)": clock(ds.__getitem__, order),
         "dataset[i] float: + normalize in the worker (before)": clock(float_ds.__getitem__, order),
@@ -291,13 +291,13 @@ def main() -> None:
     def ratio(a: str, b: str) -> float:
         return statistics.median(x / y for x, y in zip(rates[a], rates[b]))
 
-    ours, ceiling = "dataset[i] uint8: read + decode + flip (now)", "decode only, torchvision op (ceiling)"
+    ours, ceiling = "dataset[i] uint8: read + decode + flip (now)", "decode only, the JPEG decoder in use (ceiling)"
     print("\nratios, median of per-round ratios (targets in brackets)")
     print(f"  dataset[i] uint8 / float (per core)         {ratio(ours, 'dataset[i] float: + normalize in the worker (before)'):5.2f}")
     print(f"  dataset[i] / bare JPEG decode               {ratio(ours, ceiling):5.2f}  [>= 0.70]")
     print(f"  raw pread reads, median                {statistics.median(rates['raw read, pread (random keys)']):8.0f}/s  "
           "[>= 100,000]")
-    print(f"  torchvision op / Pillow decode              {ratio(ceiling, 'decode only, Pillow'):5.2f}")
+    print(f"  JPEG decoder in use / Pillow decode         {ratio(ceiling, 'decode only, Pillow'):5.2f}")
     if server:
         mx = f"mxnet {server.version} read_idx + unpack + imdecode"
         print(f"  dataset[i] / mxnet read+unpack+imdecode     {ratio(ours, mx):5.2f}  [>= 3]")
