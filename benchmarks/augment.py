@@ -8,7 +8,9 @@ on the clean held-out pairs (test.bin) and on the same pairs with degraded image
 set, at most 1 point lost on the clean one.
 
 Cost: the AdaFace-style list applied to a batch of 64 against one CPU training step of the
-quick-start model at batch 64 (forward, backward, AdamW); target under 5%.
+quick-start model at batch 64 (forward, backward, AdamW), interleaved, after 200 warm-up calls
+(low_resolution caches its resampling matrices, as in training after the first ~100 batches);
+target under 5%.
 
     facecore demo-data data/quickstart --pairs 2000 --degraded
     python benchmarks/augment.py                    # both parts (two quick-start trainings)
