@@ -157,8 +157,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="timed training steps for the cost part")
     parser.add_argument("--part", choices=["both", "quality", "cost"], default="both")
     parser.add_argument("--threads", type=int, help="torch threads for the cost part (default: torch's)")
-    parser.add_argument("--p", type=float, help="probability for every augmentation of the list but the flip "
-                        "(default: the config's, 0.2 as AdaFace)")
+    parser.add_argument("--p", type=float, help="probability for every augmentation of the AdaFace-style list but the flip "
+                        "(default: the config's; AdaFace's own recipe keeps its 0.2)")
     parser.add_argument("--arms", nargs="+", choices=list(ARM_KEYS.values()), default=["flip", "adaface-style"],
                         help="which trainings to run")
     parser.add_argument("--json", type=Path, help="also write the results here")
