@@ -165,6 +165,11 @@ class FastContextFace(nn.Module):
         self.fc = nn.Linear(dims[-1], embedding_size, bias=False)  # BN1d follows: a bias would be redundant
         self.features = nn.BatchNorm1d(embedding_size)
         self.apply(self._init_weights)
+        # LayerNorm2d hands its channels-last view on to the convolutions, so their feature maps are
+        # channels-last and so are their weight gradients. Conv weights stored channels-last too give
+        # gradients in the parameters' own layout, which DDP's buckets need (else it warns "Grad
+        # strides do not match bucket view strides" and copies through a strided view every step).
+        self.to(memory_format=torch.channels_last)
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
