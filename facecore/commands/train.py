@@ -48,6 +48,8 @@ def train(config_path: str, overrides: tuple[str, ...], device: str | None, resu
     from ..train.trainer import train as run_training
 
     summary = run_training(config, resume=resume, verbose=not quiet)
+    if summary["rank"] != 0:  # under torchrun, one process reports
+        return
     click.echo(f"run directory: {summary['run_dir']}")
     for label, key in (("before training", "initial_metrics"), ("after training", "val_metrics")):
         for name, values in summary[key].items():

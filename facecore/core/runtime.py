@@ -76,6 +76,34 @@ def restore_rng(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def capture_rng_all_ranks(world_size: int) -> list[dict]:
+    """Every rank's :func:`capture_rng`, in rank order, on every rank (a collective when ``world_size > 1``).
+
+    Ranks draw different amounts of randomness (a shard of the class centers samples its own
+    negatives), so a checkpoint keeps each rank's state, not rank 0's for all.
+    """
+    import torch.distributed as dist
+
+    mine = capture_rng()
+    if world_size <= 1:
+        return [mine]
+    states: list = [None] * world_size
+    dist.all_gather_object(states, mine)
+    return states
+
+
+def reseed_for_rank(seed: int, step: int, rank: int) -> None:
+    """Seed Python, NumPy and torch from (seed, step, rank): fresh, reproducible streams for a
+    resume whose saved per-rank states do not fit this number of ranks."""
+    import numpy as np
+    import torch
+
+    mixed = (seed * 0x9E3779B1 + step * 0x85EBCA77 + rank * 0xC2B2AE3D + 1) % 2**63
+    random.seed(mixed)
+    np.random.seed(mixed % 2**32)
+    torch.manual_seed(mixed)
+
+
 @dataclass(frozen=True)
 class DistInfo:
     """Where this process stands in a torchrun launch (world size 1 when not launched so)."""

@@ -15,10 +15,15 @@ import torch
 
 
 class LossWindow:
-    """Losses of the optimizer steps after ``first_step`` (1-based), summed on ``device``."""
+    """Losses of the optimizer steps after ``first_step`` (1-based), summed on ``device``.
 
-    def __init__(self, device: torch.device, first_step: int):
-        self.device = device
+    With ``world_size > 1`` a read is a collective: the sums of all ranks are added, so every rank
+    sees the same mean loss and the same "not finite" verdict and all stop together, never one
+    rank alone while the others wait in their next collective.
+    """
+
+    def __init__(self, device: torch.device, first_step: int, world_size: int = 1):
+        self.device, self.world_size = device, world_size
         self.reset(first_step)
 
     def reset(self, first_step: int, started: float | None = None) -> None:
@@ -39,6 +44,11 @@ class LossWindow:
         self.images += images
 
     def read(self) -> tuple[float, bool]:
-        """(mean loss, all finite) in one device-to-host transfer (waits for the queued steps)."""
-        total, bad = torch.stack([self.total, self.nonfinite.float()]).tolist()
-        return total / max(self.losses, 1), not bad
+        """(mean loss over ranks, all finite on every rank) in one device-to-host transfer (waits for the queued steps)."""
+        stats = torch.stack([self.total, self.nonfinite.float()])
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(stats)
+        total, bad = stats.tolist()
+        return total / max(self.losses, 1) / self.world_size, not bad

@@ -31,7 +31,8 @@ from .augment import Augmenter
 from .classifier import check_labels
 from .loss_window import LossWindow
 from .runs import RunWriter, new_run_dir, newest_checkpoint, setup_logging
-from ..core.runtime import capture_rng, device_for, init_distributed, restore_rng, seed_everything
+from ..core.runtime import (capture_rng, capture_rng_all_ranks, device_for, init_distributed, reseed_for_rank, restore_rng,
+                            seed_everything)
 
 
 class ResumableSampler(Sampler[int]):
@@ -87,6 +88,7 @@ class Trainer:
         self.config = copy.deepcopy(config)
         self.resume = resume if resume not in (None, False) else (True if config["training"]["resume"] else None)
         self.verbose = verbose
+        self.owns_group = dist.is_available() and not dist.is_initialized()  # then close() destroys what init made
         self.info = init_distributed(config["device"])
         self.device = device_for(self.info, config["device"])
         self.state = TrainState()
@@ -94,6 +96,8 @@ class Trainer:
         self.resume_path: Path | None = None
         self.pretrained_report = None  # what model.pretrained loaded (logged once the run directory exists)
         self.frozen: bool | None = None  # the backbone's phase (training.freeze_backbone_epochs)
+        self.writer: RunWriter | None = None
+        self.loader: DataLoader | None = None
 
     # ----------------------------------------------------------------- assembly
     def _build(self) -> None:
@@ -269,8 +273,11 @@ class Trainer:
     def _build_validation(self) -> None:
         cfg = self.config
         self.pair_sets, self.metrics = [], []
+        paths = pair_set_paths(cfg)
+        # every rank knows whether the run validates (a collective follows each validation); only rank 0 reads the sets
+        self.validates = bool(paths)
         if self.info.is_main:
-            for path in pair_set_paths(cfg):
+            for path in paths:
                 self.pair_sets.append((Path(path).stem, build_pair_set(cfg, path)))
             if self.pair_sets:
                 self.metrics = build_metrics(cfg)
@@ -332,8 +339,10 @@ class Trainer:
         self.optimizer.load_state_dict(state)
 
     def _save(self, name: str) -> None:
+        # collectives first, on every rank; then rank 0 writes
         classifier = self._classifier_state()
         optimizer = self._optimizer_state()
+        rngs = capture_rng_all_ranks(self.info.world_size)
         if not self.info.is_main:
             return
         s = self.state
@@ -349,7 +358,8 @@ class Trainer:
                 "epoch": s.epoch,
                 "batch_in_epoch": s.batch_in_epoch,
                 "step": s.step,
-                "rng": capture_rng(),
+                "rng": rngs[0],  # rank 0's, as checkpoints before per-rank states had it
+                "rng_per_rank": rngs,
                 "best_accuracy": s.best_accuracy,
                 "val_metrics": s.val_metrics,
                 "world_size": self.info.world_size,
@@ -377,9 +387,31 @@ class Trainer:
         s = self.state
         s.epoch, s.batch_in_epoch, s.step = ckpt["epoch"], ckpt["batch_in_epoch"], ckpt["step"]
         s.best_accuracy, s.val_metrics = ckpt["best_accuracy"], ckpt["val_metrics"]
-        if ckpt.get("world_size", 1) == self.info.world_size:
-            restore_rng(ckpt["rng"])
+        self._restore_rng(ckpt, path)
         self.logger.info("resumed from %s at epoch %d, batch %d, step %d", path, s.epoch, s.batch_in_epoch, s.step)
+
+    def _restore_rng(self, ckpt: dict, path: Path) -> None:
+        """Put back this rank's random state; on another number of ranks, seed fresh streams and say so.
+
+        Each rank's state is saved because shards of different sizes draw different amounts (Partial
+        FC's negatives). A resume on another world size cannot continue those streams (the shards
+        themselves change): every rank then seeds from (seed, step, rank), so resuming the same
+        checkpoint on the same number of ranks is still reproducible.
+        """
+        saved_world, rank = ckpt.get("world_size", 1), self.info.rank
+        states = ckpt.get("rng_per_rank")
+        if saved_world == self.info.world_size and states is not None and len(states) == saved_world:
+            restore_rng(states[rank])
+        elif saved_world == self.info.world_size:
+            restore_rng(ckpt["rng"])
+            if saved_world > 1:
+                self.logger.warning("%s holds rank 0's random state only (saved by an older facecore): every rank "
+                                    "continues from it, so Partial FC sampling on uneven shards is not bit-exact", path)
+        else:
+            reseed_for_rank(self.config["seed"], self.state.step, rank)
+            self.logger.info("%s was saved by %d process(es), this run has %d: the random streams cannot continue, so "
+                             "each rank seeds new ones from (seed %d, step %d, rank)", path, saved_world,
+                             self.info.world_size, self.config["seed"], self.state.step)
 
     def _resume_path(self) -> Path | None:
         if self.resume is None:
@@ -410,10 +442,12 @@ class Trainer:
 
     # ----------------------------------------------------------------- validation
     def validate(self) -> dict[str, dict[str, float]]:
-        """Run every metric on every pair set (rank 0); returns ``{set: {key: value}}``.
+        """Run every metric on every pair set; returns ``{set: {key: value}}`` on every rank.
 
-        RNG states are put back afterwards, so validating never changes the training that follows
-        (a run resumed from a checkpoint written after validation continues exactly).
+        Rank 0 evaluates and broadcasts the results, so every decision taken from them (is this the
+        best model? write best.pth, whose sharded state is a collective) is taken by all ranks
+        alike. RNG states are put back afterwards, so validating never changes the training that
+        follows (a run resumed from a checkpoint written after validation continues exactly).
         """
         import warnings
 
@@ -434,7 +468,9 @@ class Trainer:
                 self.writer.record("validation", self.state.step, self.state.epoch, {"set": name, **results[name]}, tb_prefix=f"val/{name}")
             restore_rng(rng)
         if self.info.enabled:
-            dist.barrier()
+            box = [results]
+            dist.broadcast_object_list(box, src=0)
+            results = box[0]
         return results
 
     def _after_validation(self, results: dict) -> bool:
@@ -481,17 +517,39 @@ class Trainer:
                 s.epoch, s.batch_in_epoch = s.epoch + 1, 0
             stop = stop or s.epoch >= t["epochs"] or s.step >= max_steps
             due = cfg["eval"]["eval_unit"] == "epoch" and (s.epoch % cfg["eval"]["eval_freq"] == 0 or stop)
-            improved = self._after_validation(self.validate()) if due or (stop and self.pair_sets) else False
+            improved = self._after_validation(self.validate()) if due or (stop and self.validates) else False
             self._save("last.pth")
             if improved:
                 self._save("best.pth")
-        summary = {"run_dir": str(self.run_dir), "step": s.step, "epoch": s.epoch, "best_accuracy": s.best_accuracy, "val_metrics": s.val_metrics,
+        summary = {"run_dir": str(self.run_dir), "rank": self.info.rank, "step": s.step, "epoch": s.epoch, "best_accuracy": s.best_accuracy, "val_metrics": s.val_metrics,
                    "initial_metrics": initial, "skipped_images": s.skipped_images}
-        if self.writer:
-            self.writer.close()
         self.logger.info("done: step %d, epoch %d, best mean accuracy %s, run directory %s", s.step, s.epoch,
                          f"{s.best_accuracy:.4f}" if s.best_accuracy >= 0 else "-", self.run_dir)
         return summary
+
+    def close(self, finished: bool = True) -> None:
+        """Release the DataLoader workers, the TensorBoard writer and the process group this trainer joined.
+
+        A process group left alive at exit is destroyed by the interpreter's teardown while gloo's
+        worker threads still hold work objects with tensors in them; freeing those then needs the GIL
+        of an interpreter that is going away, and the process dies with "terminate called without an
+        active exception" (SIGABRT) after training finished, so torchrun reports a failure. Hence an
+        explicit destroy: after a barrier when the run finished (no rank still sends), and on failure
+        too with gloo, where destroying returns at once and the other ranks get a connection error
+        instead of waiting. NCCL's teardown of a group whose peers are inside a collective can block,
+        so after a failure there the process exits without it.
+        """
+        self.loader = None  # the last reference: its persistent workers shut down now
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+        if not (self.owns_group and self.info.enabled and dist.is_initialized()):
+            return
+        if finished:
+            dist.barrier()
+        elif dist.get_backend() == "nccl":
+            return
+        dist.destroy_process_group()
 
     def _report_skipped(self, count: int) -> None:
         """Log the undecodable images skipped in the epoch just trained (all ranks together)."""
@@ -533,7 +591,7 @@ class Trainer:
         self.sampler.set_epoch(s.epoch, s.batch_in_epoch)
         bar = tqdm(total=self.steps_per_epoch_batches, initial=s.batch_in_epoch, desc=f"epoch {s.epoch + 1}/{t['epochs']}",
                    disable=not show_bar, leave=False, dynamic_ncols=True)
-        self.window = LossWindow(self.device, s.step + 1)
+        self.window = LossWindow(self.device, s.step + 1, self.info.world_size)
         self.optimizer.zero_grad(set_to_none=True)
         for i, (images, labels) in enumerate(self.loader, start=s.batch_in_epoch):
             labels = torch.as_tensor(labels)
@@ -632,5 +690,13 @@ class Trainer:
 
 
 def train(config: dict, resume: str | bool | None = None, verbose: bool = True) -> dict:
-    """Train from an effective config; see :class:`Trainer`."""
-    return Trainer(config, resume=resume, verbose=verbose).run()
+    """Train from an effective config; see :class:`Trainer`. Everything the run holds is released on
+    the way out, whether it finished or failed."""
+    trainer = Trainer(config, resume=resume, verbose=verbose)
+    finished = False
+    try:
+        summary = trainer.run()
+        finished = True
+        return summary
+    finally:
+        trainer.close(finished)
