@@ -141,7 +141,8 @@ def test_two_processes_match_one_with_the_same_global_batch(setup, tmp_path: Pat
     (best_one,) = (tmp_path / "one" / "runs").rglob("best.pth")
     (best_two,) = (tmp_path / "two" / "runs").rglob("best.pth")
     best_one, best_two = load_checkpoint(best_one), load_checkpoint(best_two)
-    assert best_one["step"] == best_two["step"] and best_one["best_accuracy"] == best_two["best_accuracy"] >= 0
+    assert best_one["step"] == best_two["step"] and best_one["best_metric"] == best_two["best_metric"]
+    assert best_two["best_metric"]["value"] >= 0
     assert set(best_two["val_metrics"]) == {"val"}
     assert_close(best_one, best_two)
 

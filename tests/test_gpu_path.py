@@ -131,12 +131,21 @@ def test_loss_window_sums_on_the_device_and_flags_non_finite_losses() -> None:
     window = LossWindow(torch.device("cpu"), first_step=5)
     for value in (1.0, 2.0, 6.0):
         window.add(torch.tensor(value, requires_grad=True) * 1, images=4)
-    assert window.read() == (3.0, True) and window.images == 12 and window.losses == 3
+    assert window.read() == (3.0, True, {}) and window.images == 12 and window.losses == 3
     window.add(torch.tensor(float("inf")), images=4)
-    mean, finite = window.read()
+    mean, finite, _ = window.read()
     assert not finite and mean == float("inf")
     window.reset(first_step=9)
-    assert window.read() == (0.0, True) and window.first_step == 9 and window.losses == 0
+    assert window.read() == (0.0, True, {}) and window.first_step == 9 and window.losses == 0
+
+
+def test_loss_window_keeps_each_term_of_the_loss() -> None:
+    window = LossWindow(torch.device("cpu"), first_step=1)
+    for margin, reg in ((1.0, 0.5), (3.0, 1.5)):
+        terms = {"margin": torch.tensor(margin), "regulariser": torch.tensor(reg)}
+        window.add(terms["margin"] + terms["regulariser"], images=2, terms=terms)
+    reading = window.read()
+    assert reading.loss == 3.0 and reading.terms == {"margin": 2.0, "regulariser": 1.0}
 
 
 def test_partial_fc_fixed_size_draw_picks_the_centers_of_the_unique_based_draw() -> None:

@@ -91,7 +91,7 @@ def test_run_directory_holds_config_checkpoints_metrics_and_log(tiny_data: Path,
     assert [v["epoch"] for v in val] == [1, 2] and all(0 <= v["accuracy"] <= 1 for v in val)
     assert any(line["event"] == "train" and line["loss"] > 0 for line in lines)
     best = load_checkpoint(run / "best.pth")
-    assert best["best_accuracy"] == max(v["accuracy"] for v in val)
+    assert best["best_metric"] == {"key": "accuracy", "mode": "max", "value": max(v["accuracy"] for v in val)}
     assert list((tmp_path / "logs").glob("train_fastcontextface_*.log"))
     assert list((tmp_path / "logs" / "tensorboard").rglob("events.out.tfevents.*"))
 

@@ -84,15 +84,6 @@ def json_safe(value: Any) -> Any:
     return value
 
 
-def _set_names(paths: list[str]) -> list[str]:
-    names: list[str] = []
-    for p in paths:
-        stem, n = Path(p).stem, 2
-        name = stem
-        while name in names:
-            name, n = f"{stem}-{n}", n + 1
-        names.append(name)
-    return names
 
 
 @click.command("eval")
@@ -205,11 +196,11 @@ def _evaluate_bins(backbone: Any, config: dict, paths: list[str], metrics: list,
                    results: dict, plots: dict, images: dict) -> None:
     """Each .bin pair set: metrics into ``results``, a ROC PNG into ``plots`` / ``images``."""
     from ..core.build import build_pair_set
-    from ..eval.evaluation import embed, evaluate_embeddings, l2_normalize, roc_curve_points
+    from ..eval.evaluation import embed, evaluate_embeddings, l2_normalize, pair_set_names, roc_curve_points
     from ..eval.roc_plot import plot_roc
 
     flip = next((bool(getattr(m, "flip", True)) for n, m in metrics if n == "tar_at_far"), True)
-    for set_name, path in zip(_set_names(paths), paths):
+    for set_name, path in zip(pair_set_names(paths), paths):
         dataset = build_pair_set(config, path)
         if not as_json:
             click.echo(f"evaluating {set_name} ({len(dataset.issame)} pairs) on {dev}...", err=True)

@@ -42,6 +42,18 @@ class RocCurve(NamedTuple):
     thresholds: np.ndarray
 
 
+def pair_set_names(paths: Sequence[str]) -> list[str]:
+    """A name per pair-set file: its stem, with -2, -3, ... for stems already taken (a/lfw.bin, b/lfw.bin)."""
+    names: list[str] = []
+    for p in paths:
+        stem, n = Path(p).stem, 2
+        name = stem
+        while name in names:
+            name, n = f"{stem}-{n}", n + 1
+        names.append(name)
+    return names
+
+
 def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
     """Rows of ``x`` divided by their L2 norm (zero rows stay zero)."""
     x = np.asarray(x)

@@ -59,6 +59,15 @@ def check_labels(labels: torch.Tensor, num_classes: int) -> None:
             )
 
 
+def total_loss(terms: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The sum of named loss terms, in their order (the same float rounding on every rank)."""
+    values = list(terms.values())
+    total = values[0]
+    for value in values[1:]:
+        total = total + value
+    return total
+
+
 def _draw_seed() -> int:
     """A seed for the centers taken from torch's global RNG, so ``seed`` in the config governs it."""
     return int(torch.randint(0, 2**62, (1,)).item())
@@ -85,6 +94,14 @@ class _CenterClassifier(nn.Module):
         self.head = head
         # reading label values is a host sync on a GPU; the trainer turns this off and checks them on the host
         self.checks_labels = True
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The batch's loss: the sum of :meth:`loss_terms`."""
+        return total_loss(self.loss_terms(embeddings, labels))
+
+    def loss_terms(self, embeddings: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The named scalar terms whose sum is the batch's loss (``margin``: the margin softmax loss)."""
+        raise NotImplementedError
 
     def _check_shape(self, embeddings: torch.Tensor) -> None:
         if embeddings.dim() != 2 or embeddings.shape[1] != self.embedding_size:
@@ -190,7 +207,7 @@ class _CenterClassifier(nn.Module):
 class MarginClassifier(_CenterClassifier):
     """All class centers on this process: normalized embeddings and centers -> head -> cross-entropy.
 
-    ``forward(embeddings, labels)`` returns the mean loss. With ``sample_rate < 1`` (training mode
+    ``forward(embeddings, labels)`` returns the batch's loss; ``loss_terms`` the named terms it sums. With ``sample_rate < 1`` (training mode
     only) each step uses the batch's positive centers plus random negatives (Partial FC); only
     those centers get a gradient.
     """
@@ -198,10 +215,10 @@ class MarginClassifier(_CenterClassifier):
     def __init__(self, embedding_size: int, num_classes: int, head: nn.Module, sample_rate: float = 1.0):
         super().__init__(embedding_size, num_classes, head, sample_rate, 0, num_classes, _draw_seed())
 
-    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def loss_terms(self, embeddings: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         self._check_inputs(embeddings, labels)
         logits, targets = self.logits(embeddings, labels)
-        return F.cross_entropy(logits, targets)
+        return {"margin": F.cross_entropy(logits, targets)}
 
 
 class ShardedMarginClassifier(_CenterClassifier):
@@ -239,11 +256,11 @@ class ShardedMarginClassifier(_CenterClassifier):
             ranks = dist.get_process_group_ranks(group) if group is not None else None
             self.size_group = dist.new_group(ranks=ranks, backend="gloo")
 
-    def forward(self, local_embeddings: torch.Tensor, local_labels: torch.Tensor) -> torch.Tensor:
+    def loss_terms(self, local_embeddings: torch.Tensor, local_labels: torch.Tensor) -> dict[str, torch.Tensor]:
         if self.world_size == 1:
             self._check_inputs(local_embeddings, local_labels)
             logits, targets = self.logits(local_embeddings, local_labels)
-            return F.cross_entropy(logits, targets)
+            return {"margin": F.cross_entropy(logits, targets)}
         self._check_shape(local_embeddings)  # the same model on every rank: all raise or none
         if local_labels.numel() != local_embeddings.shape[0]:
             raise DataError(f"rank {self.rank}: {local_labels.numel()} labels for {local_embeddings.shape[0]} embeddings")
@@ -253,7 +270,7 @@ class ShardedMarginClassifier(_CenterClassifier):
         labels = _gather_padded(local_labels.reshape(-1).long().to(local_embeddings.device), sizes, self.group)
         self._check_inputs(embeddings, labels)  # the same global labels on every rank: all raise or none
         logits, targets = self.logits(embeddings, labels)
-        return _DistCrossEntropy.apply(logits, targets, self.group)
+        return {"margin": _DistCrossEntropy.apply(logits, targets, self.group)}
 
     def full_rows(self, local: torch.Tensor, rank0_only: bool = False) -> torch.Tensor | None:
         if self.world_size == 1:

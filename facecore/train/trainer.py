@@ -1,8 +1,9 @@
 """The training loop: assemble parts from the registries, train, validate, checkpoint, resume.
 
 One code path serves a single process and torchrun/DDP; only rank 0 writes files. The
-backbone, margin head, classifier, LR schedule and metrics are separate objects, so the
-inner loop stays short.
+backbone, margin head, classifier, LR schedule and metrics are separate objects; the step
+(:mod:`.step`) and the checkpoint (:mod:`.checkpointing`) are units of their own, so the loop
+here only sequences them.
 """
 
 from __future__ import annotations
@@ -12,9 +13,8 @@ import itertools
 import math
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -22,17 +22,18 @@ from torch import nn
 from torch.utils.data import DataLoader, Sampler
 from torch.utils.data.distributed import DistributedSampler
 
-from .. import __version__
 from ..core.build import build_backbone, build_head, build_metrics, build_pair_set, build_scheduler, build_train_dataset, pair_set_paths
-from ..core.checkpoint import load_checkpoint, save_checkpoint
+from ..core.runtime import DistInfo, capture_rng, device_for, init_distributed, restore_rng, seed_everything
 from ..data.images import model_input
-from ..errors import CheckpointError, DataError, TrainingError
+from ..errors import DataError, FacecoreError, TrainingError
 from .augment import Augmenter
+from .checkpointing import TrainingCheckpoint, TrainState
 from .classifier import check_labels
 from .loss_window import LossWindow
 from .runs import RunWriter, new_run_dir, newest_checkpoint, setup_logging
-from ..core.runtime import (capture_rng, capture_rng_all_ranks, device_for, init_distributed, reseed_for_rank, restore_rng,
-                            seed_everything)
+from .step import LossFn, TrainStep
+
+DEFAULT_BEST_METRIC = {"key": "accuracy", "mode": "max"}
 
 
 class ResumableSampler(Sampler[int]):
@@ -53,32 +54,53 @@ class ResumableSampler(Sampler[int]):
 
 
 class ClassifierModel(nn.Module):
-    """Backbone + classifier as one module, so DDP averages the gradients of both."""
+    """Backbone + classifier as one module, so DDP averages the gradients of both; returns the loss terms."""
 
     def __init__(self, backbone: nn.Module, classifier: nn.Module):
         super().__init__()
         self.backbone, self.classifier = backbone, classifier
 
-    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         return classify(self.classifier, self.backbone(images), labels)
 
 
-def classify(classifier: nn.Module, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """The margin classifier's loss in float32, whatever autocast the backbone ran under."""
+class TermsOf(nn.Module):
+    """A classifier whose forward returns its loss terms, so DDP can wrap it (a frozen backbone's phase)."""
+
+    def __init__(self, classifier: nn.Module):
+        super().__init__()
+        self.classifier = classifier
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        return classify(self.classifier, embeddings, labels)
+
+
+def classify(classifier: nn.Module, embeddings: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The margin classifier's loss terms in float32, whatever autocast the backbone ran under."""
     with torch.autocast(embeddings.device.type, enabled=False):
-        return classifier(embeddings.float(), labels)
+        return classifier.loss_terms(embeddings.float(), labels)
 
 
-@dataclass
-class TrainState:
-    """Where training stands; all of it goes into the checkpoint."""
+def decided_on_main(info: DistInfo, decide: Callable[[], Any]) -> Any:
+    """``decide()`` on rank 0, its result (or its FacecoreError) shared with every rank.
 
-    epoch: int = 0
-    batch_in_epoch: int = 0  # micro-batches of ``epoch`` already trained on
-    step: int = 0  # optimizer steps so far
-    best_accuracy: float = -1.0
-    val_metrics: dict = field(default_factory=dict)
-    skipped_images: int = 0
+    For what only one process may decide (the newest checkpoint on a shared disk, the run
+    directory): every rank then goes on with the same value, or raises the same error, so no rank
+    waits alone in a collective the others never reach.
+    """
+    if not info.enabled:
+        return decide()
+    box: list[Any] = [None]
+    if info.is_main:
+        try:
+            box[0] = ("ok", decide())
+        except FacecoreError as exc:
+            box[0] = ("error", exc)
+    dist.broadcast_object_list(box, src=0)
+    kind, value = box[0]
+    if kind == "error":
+        raise value
+    return value
 
 
 class Trainer:
@@ -86,6 +108,7 @@ class Trainer:
 
     def __init__(self, config: dict, resume: str | bool | None = None, verbose: bool = True):
         self.config = copy.deepcopy(config)
+        self.config["checkpoint"].setdefault("best_metric", dict(DEFAULT_BEST_METRIC))
         self.resume = resume if resume not in (None, False) else (True if config["training"]["resume"] else None)
         self.verbose = verbose
         self.owns_group = dist.is_available() and not dist.is_initialized()  # then close() destroys what init made
@@ -93,19 +116,20 @@ class Trainer:
         self.device = device_for(self.info, config["device"])
         self.state = TrainState()
         self.logger = setup_logging([], verbose=verbose and self.info.is_main)
-        self.resume_path: Path | None = None
         self.pretrained_report = None  # what model.pretrained loaded (logged once the run directory exists)
         self.frozen: bool | None = None  # the backbone's phase (training.freeze_backbone_epochs)
         self.writer: RunWriter | None = None
         self.loader: DataLoader | None = None
 
     # ----------------------------------------------------------------- assembly
-    def _build(self) -> None:
+    def _build(self, resume_path: Path | None = None) -> None:
         seed_everything(self.config["seed"], self.config["deterministic"])
         self._build_data()
-        self._build_model()
+        self._build_model(resuming=resume_path is not None)
         self._build_optimization()
         self._build_validation()
+        self.checkpoint = TrainingCheckpoint(self.config, self.backbone, self.classifier, self.optimizer, self.scheduler,
+                                             self.scaler, self.info, self.sharded, self.logger)
 
     def _build_data(self) -> None:
         cfg, info = self.config, self.info
@@ -143,13 +167,13 @@ class Trainer:
             generator=torch.Generator().manual_seed(cfg["seed"]),  # keeps the global RNG untouched
         )
 
-    def _build_model(self) -> None:
+    def _build_model(self, resuming: bool) -> None:
         from .classifier import MarginClassifier, ShardedMarginClassifier
 
         cfg, info = self.config, self.info
         num = cfg["head"]["num_classes"]
         self.backbone = build_backbone(cfg)
-        self._init_backbone()
+        self._init_backbone(resuming)
         self.backbone = self.backbone.to(self.device)
         head = build_head(cfg)
         emb, rate = cfg["model"]["embedding_size"], cfg["head"]["sample_rate"]
@@ -163,98 +187,30 @@ class Trainer:
         self.classifier.checks_labels = False  # the loop checks them on the host, where reading them is free
         if self.device.type == "cuda":
             self.backbone = self.backbone.to(memory_format=torch.channels_last)
-        self.train_modules = [self.backbone, self.classifier]
-        self._forwards: dict[bool, Any] = {}
+        self._loss_fns: dict[bool, LossFn] = {}
 
-    def _init_backbone(self) -> None:
+    def _init_backbone(self, resuming: bool) -> None:
         """Load ``model.pretrained`` into the new backbone (not when resuming: the checkpoint has the weights)."""
         from ..core.pretrained import load_pretrained
 
         model, t = self.config["model"], self.config["training"]
-        if t["freeze_backbone_epochs"] and not model["pretrained"] and self.resume_path is None:
+        if t["freeze_backbone_epochs"] and not model["pretrained"] and not resuming:
             self.logger.warning("training.freeze_backbone_epochs is %d but model.pretrained is not set: the randomly "
                                 "initialised backbone stays fixed for those epochs", t["freeze_backbone_epochs"])
         if not model["pretrained"]:
             return
-        if self.resume_path is not None:
+        if resuming:
             self.logger.info("resuming: model.pretrained (%s) is not applied again; the weights come from the checkpoint",
                              model["pretrained"])
             return
         self.pretrained_report = load_pretrained(self.backbone, model["pretrained"], model["backbone"], model["pretrained_skip"])
-
-    def _forward_for(self, frozen: bool) -> Any:
-        """``forward(images, labels) -> loss`` for a trainable or a frozen backbone, made once per phase.
-
-        A frozen backbone runs in eval mode under ``no_grad``: its weights get no gradient (the
-        optimizer skips them, so they stay unchanged and no momentum builds up) and its BatchNorm
-        statistics stay as loaded. Only the classifier is then data-parallel: DDP must only see
-        parameters that receive gradients.
-        """
-        if frozen in self._forwards:
-            return self._forwards[frozen]
-        ids = [self.device] if self.device.type == "cuda" else None
-        ddp = nn.parallel.DistributedDataParallel
-        if frozen:
-            classifier = ddp(self.classifier, device_ids=ids) if self.info.enabled and not self.sharded else self.classifier
-
-            def forward(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-                with torch.no_grad():
-                    embeddings = self.backbone(x)
-                return classify(classifier, embeddings, y)
-        elif self.sharded:  # centers differ per rank: only the backbone is data-parallel
-            ddp_backbone = ddp(self._trained_net(), device_ids=ids)
-
-            def forward(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-                return classify(self.classifier, ddp_backbone(x), y)
-        else:
-            model: nn.Module = ClassifierModel(self._trained_net(), self.classifier)
-            forward = ddp(model, device_ids=ids) if self.info.enabled else model
-        self._forwards[frozen] = forward
-        return forward
-
-    def _trained_net(self) -> nn.Module:
-        """The backbone as the training forward runs it: through torch.compile when training.compile is on.
-
-        self.backbone stays the plain module, so checkpoints have no "_orig_mod." prefixes and
-        validation does not compile another graph. A frozen backbone runs uncompiled (eval mode).
-        """
-        return self._compile(self.backbone) if self.config["training"]["compile"] else self.backbone
-
-    def _enter_phase(self) -> None:
-        """Freeze the backbone for the first training.freeze_backbone_epochs epochs, then train it."""
-        t = self.config["training"]
-        frozen = self.state.epoch < t["freeze_backbone_epochs"]
-        if frozen != self.frozen:
-            self.frozen = frozen
-            self.forward = self._forward_for(frozen)
-            if frozen:
-                self.logger.info("epochs %d-%d: the backbone is frozen (eval mode, no gradients); only the classifier trains",
-                                 self.state.epoch + 1, min(t["freeze_backbone_epochs"], t["epochs"]))
-            elif t["freeze_backbone_epochs"]:
-                self.logger.info("epoch %d: the backbone trains from now on, at training.lr x %g",
-                                 self.state.epoch + 1, t["backbone_lr_mult"])
-
-    def _train_mode(self) -> None:
-        """Training mode for what trains; a frozen backbone stays in eval mode."""
-        self.classifier.train()
-        self.backbone.train(not self.frozen)
-
-    @staticmethod
-    def _compile(backbone: nn.Module) -> nn.Module:
-        """``torch.compile(backbone)``; a clear TrainingError where torch.compile is not supported."""
-        try:
-            return torch.compile(backbone)
-        except RuntimeError as exc:  # e.g. a Python version this torch's compiler does not support
-            raise TrainingError(f"training.compile: torch.compile is not available here ({exc}); "
-                                "set training.compile: false") from None
 
     def _build_optimization(self) -> None:
         cfg = self.config
         t = cfg["training"]
         backbone = [p for p in self.backbone.parameters() if p.requires_grad]
         classifier = [p for p in self.classifier.parameters() if p.requires_grad]
-        # One param group unless the backbone has its own LR (checkpoints of older runs keep loading);
-        # the class centers stay the last parameter either way (see _center_state_index).
+        # One param group unless the backbone has its own LR (checkpoints of older runs keep loading)
         mult = t["backbone_lr_mult"]
         params: list = ([{"params": backbone + classifier}] if mult == 1
                         else [{"params": backbone, "lr": t["lr"] * mult}, {"params": classifier}])
@@ -271,14 +227,16 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
 
     def _build_validation(self) -> None:
+        from ..eval.evaluation import pair_set_names
+
         cfg = self.config
         self.pair_sets, self.metrics = [], []
         paths = pair_set_paths(cfg)
         # every rank knows whether the run validates (a collective follows each validation); only rank 0 reads the sets
         self.validates = bool(paths)
         if self.info.is_main:
-            for path in paths:
-                self.pair_sets.append((Path(path).stem, build_pair_set(cfg, path)))
+            for name, path in zip(pair_set_names(paths), paths):
+                self.pair_sets.append((name, build_pair_set(cfg, path)))
             if self.pair_sets:
                 self.metrics = build_metrics(cfg)
 
@@ -301,144 +259,99 @@ class Trainer:
                             "training in float32 on %s", amp, self.device)
         return None
 
-    # ----------------------------------------------------------------- checkpoints
-    def _classifier_state(self) -> dict:
-        return self.classifier.full_state_dict() if self.sharded else self.classifier.state_dict()
+    # ----------------------------------------------------------------- the forward of each phase
+    def _loss_fn(self, frozen: bool) -> LossFn:
+        """``loss_fn(images, labels) -> {term: loss}`` for a trainable or a frozen backbone, made once per phase.
 
-    def _center_state_index(self) -> int:
-        """Position of the class-center weight among the optimizer's parameters (added last)."""
-        return sum(len(g["params"]) for g in self.optimizer.param_groups) - 1
-
-    def _optimizer_state(self) -> dict:
-        """The optimizer state with the class centers' statistics as full matrices (collective when sharded),
-        so the checkpoint is the same whatever the number of ranks."""
-        state = self.optimizer.state_dict()
-        index = self._center_state_index()
-        if self.sharded and index in state["state"]:
-            center = dict(state["state"][index])  # a copy: state_dict() shares the live per-parameter dicts
-            for key in sorted(center):  # the same order on every rank: full_rows is a collective
-                value = center[key]
-                if isinstance(value, torch.Tensor) and value.shape == self.classifier.weight.shape:
-                    center[key] = self.classifier.full_rows(value)
-            state = {**state, "state": {**state["state"], index: center}}
-        return state
-
-    def _load_optimizer_state(self, state: dict) -> None:
-        index = self._center_state_index()
-        if self.sharded and index in state["state"]:
-            center = {k: self.classifier.local_rows(v) if isinstance(v, torch.Tensor) and v.dim() == 2 else v
-                      for k, v in state["state"][index].items()}
-            state = {**state, "state": {**state["state"], index: center}}
-        saved, own = len(state["param_groups"]), len(self.optimizer.param_groups)
-        if saved != own:
-            raise CheckpointError(
-                f"the optimizer state in the checkpoint has {saved} param group(s) but this config makes {own}: "
-                "training.backbone_lr_mult gives the backbone its own group unless it is 1; resume with the "
-                "value the run was started with"
-            )
-        self.optimizer.load_state_dict(state)
-
-    def _save(self, name: str) -> None:
-        # collectives first, on every rank; then rank 0 writes
-        classifier = self._classifier_state()
-        optimizer = self._optimizer_state()
-        rngs = capture_rng_all_ranks(self.info.world_size)
-        if not self.info.is_main:
-            return
-        s = self.state
-        save_checkpoint(
-            {
-                "facecore_version": __version__,
-                "config": self.config,
-                "backbone": self.backbone.state_dict(),
-                "classifier": classifier,
-                "optimizer": optimizer,
-                "scheduler": self.scheduler.state_dict(),
-                "scaler": self.scaler.state_dict(),
-                "epoch": s.epoch,
-                "batch_in_epoch": s.batch_in_epoch,
-                "step": s.step,
-                "rng": rngs[0],  # rank 0's, as checkpoints before per-rank states had it
-                "rng_per_rank": rngs,
-                "best_accuracy": s.best_accuracy,
-                "val_metrics": s.val_metrics,
-                "world_size": self.info.world_size,
-            },
-            self.run_dir / name,
-        )
-
-    def _load(self, path: Path) -> None:
-        ckpt = load_checkpoint(path)
-        if not isinstance(ckpt, dict) or "optimizer" not in ckpt or "backbone" not in ckpt:
-            raise CheckpointError(f"{path} is not a facecore training checkpoint (a bare backbone cannot be resumed)")
-        from ..core.checkpoint import load_backbone_weights
-
-        load_backbone_weights(self.backbone, ckpt, path, self.config["model"]["backbone"])
-        try:
-            if self.sharded:
-                self.classifier.load_full_state_dict(ckpt["classifier"])
-            else:
-                self.classifier.load_state_dict(ckpt["classifier"])
-        except (RuntimeError, KeyError) as exc:
-            raise CheckpointError(f"{path}: the classifier does not fit this config ({str(exc).splitlines()[0]})") from None
-        self._load_optimizer_state(ckpt["optimizer"])
-        self.scheduler.load_state_dict(ckpt["scheduler"])
-        self.scaler.load_state_dict(ckpt["scaler"])
-        s = self.state
-        s.epoch, s.batch_in_epoch, s.step = ckpt["epoch"], ckpt["batch_in_epoch"], ckpt["step"]
-        s.best_accuracy, s.val_metrics = ckpt["best_accuracy"], ckpt["val_metrics"]
-        self._restore_rng(ckpt, path)
-        self.logger.info("resumed from %s at epoch %d, batch %d, step %d", path, s.epoch, s.batch_in_epoch, s.step)
-
-    def _restore_rng(self, ckpt: dict, path: Path) -> None:
-        """Put back this rank's random state; on another number of ranks, seed fresh streams and say so.
-
-        Each rank's state is saved because shards of different sizes draw different amounts (Partial
-        FC's negatives). A resume on another world size cannot continue those streams (the shards
-        themselves change): every rank then seeds from (seed, step, rank), so resuming the same
-        checkpoint on the same number of ranks is still reproducible.
+        A frozen backbone runs in eval mode under ``no_grad``: its weights get no gradient (the
+        optimizer skips them, so they stay unchanged and no momentum builds up) and its BatchNorm
+        statistics stay as loaded. Only the classifier is then data-parallel: DDP must only see
+        parameters that receive gradients. The trainable backbone runs through torch.compile when
+        ``training.compile`` is on (self.backbone stays the plain module, so checkpoints have no
+        "_orig_mod." prefixes and validation does not compile another graph).
         """
-        saved_world, rank = ckpt.get("world_size", 1), self.info.rank
-        states = ckpt.get("rng_per_rank")
-        if saved_world == self.info.world_size and states is not None and len(states) == saved_world:
-            restore_rng(states[rank])
-        elif saved_world == self.info.world_size:
-            restore_rng(ckpt["rng"])
-            if saved_world > 1:
-                self.logger.warning("%s holds rank 0's random state only (saved by an older facecore): every rank "
-                                    "continues from it, so Partial FC sampling on uneven shards is not bit-exact", path)
-        else:
-            reseed_for_rank(self.config["seed"], self.state.step, rank)
-            self.logger.info("%s was saved by %d process(es), this run has %d: the random streams cannot continue, so "
-                             "each rank seeds new ones from (seed %d, step %d, rank)", path, saved_world,
-                             self.info.world_size, self.config["seed"], self.state.step)
+        if frozen in self._loss_fns:
+            return self._loss_fns[frozen]
+        ids = [self.device] if self.device.type == "cuda" else None
+        ddp = nn.parallel.DistributedDataParallel
+        net = self._compile(self.backbone) if self.config["training"]["compile"] and not frozen else self.backbone
+        if frozen:
+            terms = TermsOf(self.classifier)
+            terms = ddp(terms, device_ids=ids) if self.info.enabled and not self.sharded else terms
 
+            def loss_fn(x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+                with torch.no_grad():
+                    embeddings = net(x)
+                return terms(embeddings, y)
+        elif self.sharded:  # centers differ per rank: only the backbone is data-parallel
+            ddp_backbone = ddp(net, device_ids=ids)
+
+            def loss_fn(x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+                return classify(self.classifier, ddp_backbone(x), y)
+        else:
+            model: nn.Module = ClassifierModel(net, self.classifier)
+            loss_fn = ddp(model, device_ids=ids) if self.info.enabled else model
+        if self.config["training"]["compile"] and not frozen:
+            loss_fn = _naming_compile_failures(loss_fn)
+        self._loss_fns[frozen] = loss_fn
+        return loss_fn
+
+    @staticmethod
+    def _compile(backbone: nn.Module) -> nn.Module:
+        """``torch.compile(backbone)``; a clear TrainingError where torch.compile is not supported."""
+        try:
+            return torch.compile(backbone)
+        except RuntimeError as exc:  # e.g. a Python version this torch's compiler does not support
+            raise TrainingError(f"training.compile: torch.compile is not available here ({exc}); "
+                                "set training.compile: false") from None
+
+    def _enter_phase(self) -> None:
+        """Freeze the backbone for the first training.freeze_backbone_epochs epochs, then train it."""
+        t = self.config["training"]
+        frozen = self.state.epoch < t["freeze_backbone_epochs"]
+        if frozen != self.frozen:
+            self.frozen = frozen
+            self.loss_fn = self._loss_fn(frozen)
+            if frozen:
+                self.logger.info("epochs %d-%d: the backbone is frozen (eval mode, no gradients); only the classifier trains",
+                                 self.state.epoch + 1, min(t["freeze_backbone_epochs"], t["epochs"]))
+            elif t["freeze_backbone_epochs"]:
+                self.logger.info("epoch %d: the backbone trains from now on, at training.lr x %g",
+                                 self.state.epoch + 1, t["backbone_lr_mult"])
+
+    def _train_mode(self) -> None:
+        """Training mode for what trains; a frozen backbone stays in eval mode."""
+        self.classifier.train()
+        self.backbone.train(not self.frozen)
+
+    # ----------------------------------------------------------------- run directory and checkpoints
     def _resume_path(self) -> Path | None:
+        """The checkpoint to continue (rank 0 looks; every rank gets its answer)."""
         if self.resume is None:
             return None
         if self.resume is True or self.resume == "auto":
-            return newest_checkpoint(self.config["checkpoint"]["save_dir"])
+            return decided_on_main(self.info, lambda: newest_checkpoint(self.config["checkpoint"]["save_dir"]))
         return Path(self.resume)
 
     def _prepare_run_dir(self, resume_path: Path | None) -> None:
         cfg = self.config
-        if self.info.is_main:
-            run_dir = resume_path.parent if resume_path else new_run_dir(cfg["checkpoint"]["save_dir"], cfg["model"]["backbone"])
-        else:
-            run_dir = None
-        if self.info.enabled:
-            box = [str(run_dir) if run_dir else None]
-            dist.broadcast_object_list(box, src=0)
-            run_dir = Path(box[0])
-        self.run_dir = Path(run_dir)
-        self.writer = None
+
+        def make() -> Path:
+            return resume_path.parent if resume_path else new_run_dir(cfg["checkpoint"]["save_dir"], cfg["model"]["backbone"])
+
+        self.run_dir = Path(decided_on_main(self.info, make))
         if self.info.is_main:
             log_dir = Path(cfg["logging"]["log_dir"])
             tag = f"{cfg['model']['backbone']}_{self.run_dir.name}"
             self.logger = setup_logging([self.run_dir / "train.log", log_dir / f"train_{tag}.log"], verbose=self.verbose)
+            self.checkpoint.logger = self.logger
             tb = log_dir / "tensorboard" / cfg["model"]["backbone"] / self.run_dir.name if cfg["logging"]["tensorboard"] else None
             self.writer = RunWriter(self.run_dir, tb)
             self.writer.write_config(cfg)
+
+    def _save(self, name: str) -> None:
+        """Write ``name`` in the run directory (every rank gathers its part; rank 0 writes)."""
+        self.checkpoint.save(self.state, self.run_dir / name)
 
     # ----------------------------------------------------------------- validation
     def validate(self) -> dict[str, dict[str, float]]:
@@ -474,29 +387,35 @@ class Trainer:
         return results
 
     def _after_validation(self, results: dict) -> bool:
-        """Keep the results; True when the mean accuracy is the best so far."""
+        """Keep the results; True when checkpoint.best_metric (mean over the pair sets) is the best so far."""
         if not results:
             return False
         self.state.val_metrics = results
-        accs = [r["accuracy"] for r in results.values() if "accuracy" in r]
-        if not accs:
+        best = self.config["checkpoint"]["best_metric"]
+        values = [r[best["key"]] for r in results.values() if isinstance(r.get(best["key"]), (int, float))]
+        if not values:
             return False
-        mean = float(sum(accs) / len(accs))
-        if mean > self.state.best_accuracy:
-            self.state.best_accuracy = mean
-            return True
-        return False
+        value = float(sum(values) / len(values))
+        if math.isnan(value):
+            return False
+        previous = self.state.best
+        better = previous is None or (value > previous if best["mode"] == "max" else value < previous)
+        if better:
+            self.state.best = value
+        return better
 
     # ----------------------------------------------------------------- the loop
     def run(self) -> dict:
-        resume_path = self.resume_path = self._resume_path()
-        self._build()
+        resume_path = self._resume_path()
+        self._build(resume_path)
         self._prepare_run_dir(resume_path)
         if self.pretrained_report is not None:
             for line in self.pretrained_report.lines():
                 self.logger.info("%s", line)
         if resume_path:
-            self._load(resume_path)
+            self.checkpoint.restore(resume_path, self.state)
+            s = self.state
+            self.logger.info("resumed from %s at epoch %d, batch %d, step %d", resume_path, s.epoch, s.batch_in_epoch, s.step)
         cfg, t, s = self.config, self.config["training"], self.state
         batch, world = cfg["data"]["batch_size"], self.info.world_size
         max_steps = t["max_steps"] or math.inf
@@ -505,6 +424,8 @@ class Trainer:
             self.run_dir, cfg["model"]["backbone"], cfg["head"]["type"], len(self.dataset), cfg["head"]["num_classes"],
             self.steps_per_epoch, t["epochs"], world, self.device,
         )
+        if not self.validates:
+            self.logger.info("no pair set in eval.bin_file: the run is not validated and writes no best.pth")
         show_bar = self.info.is_main and self.verbose and sys.stderr.isatty()
         initial = self.validate() if cfg["eval"]["at_start"] and s.step == 0 else {}
         stop = False
@@ -521,10 +442,12 @@ class Trainer:
             self._save("last.pth")
             if improved:
                 self._save("best.pth")
-        summary = {"run_dir": str(self.run_dir), "rank": self.info.rank, "step": s.step, "epoch": s.epoch, "best_accuracy": s.best_accuracy, "val_metrics": s.val_metrics,
+        best = cfg["checkpoint"]["best_metric"]
+        summary = {"run_dir": str(self.run_dir), "rank": self.info.rank, "step": s.step, "epoch": s.epoch,
+                   "best_metric": {**best, "value": s.best}, "val_metrics": s.val_metrics,
                    "initial_metrics": initial, "skipped_images": s.skipped_images}
-        self.logger.info("done: step %d, epoch %d, best mean accuracy %s, run directory %s", s.step, s.epoch,
-                         f"{s.best_accuracy:.4f}" if s.best_accuracy >= 0 else "-", self.run_dir)
+        self.logger.info("done: step %d, epoch %d, best mean %s %s, run directory %s", s.step, s.epoch, best["key"],
+                         "-" if s.best is None else f"{s.best:.4f}", self.run_dir)
         return summary
 
     def close(self, finished: bool = True) -> None:
@@ -561,12 +484,13 @@ class Trainer:
             self.logger.warning("epoch %d: %d undecodable image(s) were skipped (data.on_bad_image: skip)",
                                 self.state.epoch + 1, count)
 
-    def _clip_gradients(self, max_norm: float) -> None:
+    def _clip_gradients(self) -> None:
         """Clip the global gradient norm; with sharded centers the norm covers every rank's shard."""
+        max_norm = self.config["training"]["grad_clip_norm"]
         grads = [p.grad for p in self.backbone.parameters() if p.grad is not None]
         shard = [p.grad for p in self.classifier.parameters() if p.grad is not None]
         if not self.sharded:
-            nn.utils.clip_grad_norm_([p for m in self.train_modules for p in m.parameters() if p.grad is not None], max_norm)
+            nn.utils.clip_grad_norm_([p for m in (self.backbone, self.classifier) for p in m.parameters() if p.grad is not None], max_norm)
             return
         sq = torch.stack([g.detach().float().pow(2).sum() for g in shard]).sum() if shard else torch.zeros((), device=self.device)
         dist.all_reduce(sq)  # the shards' squared norms add up; the backbone is the same on every rank
@@ -576,56 +500,59 @@ class Trainer:
         for g in grads + shard:
             g.mul_(scale.to(g.dtype))
 
-    def _train_epoch(self, max_steps: float, global_batch: int, show_bar: bool) -> bool:
-        """Train the rest of the current epoch; True when max_steps stopped it early.
+    def _batches(self) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+        """``(index in epoch, images, labels)`` of the rest of the epoch, on the device, normalized and augmented.
 
-        The host never waits for the device inside a log window: batches arrive as uint8 and are
-        normalized on the device, labels are checked on the host, and the loss stays on the device
-        (``self.window``) until the window is read every ``training.log_every`` steps.
+        Labels are checked on the host copy (free there); images travel as uint8 and are normalized
+        on the device; an image the dataset skipped (label -1, ``on_bad_image: skip``) is counted
+        and dropped after augmentation, so every other image keeps its random numbers.
         """
-        from tqdm import tqdm
-
-        cfg, s = self.config, self.state
-        t = cfg["training"]
-        self._train_mode()
-        self.sampler.set_epoch(s.epoch, s.batch_in_epoch)
-        bar = tqdm(total=self.steps_per_epoch_batches, initial=s.batch_in_epoch, desc=f"epoch {s.epoch + 1}/{t['epochs']}",
-                   disable=not show_bar, leave=False, dynamic_ncols=True)
-        self.window = LossWindow(self.device, s.step + 1, self.info.world_size)
-        self.optimizer.zero_grad(set_to_none=True)
+        s, seed = self.state, self.config["seed"]
         for i, (images, labels) in enumerate(self.loader, start=s.batch_in_epoch):
             labels = torch.as_tensor(labels)
-            keep = labels >= 0  # label -1: an image the dataset skipped (data.on_bad_image: skip)
+            keep = labels >= 0
             skipped = int((~keep).sum())  # counted on the CPU: no device sync on the hot path
             check_labels(labels[keep] if skipped else labels, self.classifier.num_classes)
             images = images.to(self.device, non_blocking=True)
             labels = labels.to(self.device, non_blocking=True)
             images = model_input(images, self.images_from)  # uint8 -> float32 in [-1, 1], on the device
-            images = self.augment(images, cfg["seed"], s.epoch, i, self.info, inplace=True)
+            images = self.augment(images, seed, s.epoch, i, self.info, inplace=True)
             if skipped:
                 s.skipped_images += skipped
                 keep = keep.to(self.device, non_blocking=True)
                 images, labels = images[keep], labels[keep]
             if self.device.type == "cuda":
                 images = images.contiguous(memory_format=torch.channels_last)
-            loss = self._forward(images, labels)
-            self.scaler.scale(loss / self.accumulate).backward()
-            self.window.add(loss, global_batch)
+            yield i, images, labels
+
+    def _train_epoch(self, max_steps: float, global_batch: int, show_bar: bool) -> bool:
+        """Train the rest of the current epoch; True when max_steps stopped it early.
+
+        The host never waits for the device inside a log window: the loss and its terms stay on
+        the device (``self.window``) until the window is read every ``training.log_every`` steps.
+        """
+        from tqdm import tqdm
+
+        cfg, s = self.config, self.state
+        t, every = cfg["training"], cfg["checkpoint"]["save_every_steps"]
+        self._train_mode()
+        self.sampler.set_epoch(s.epoch, s.batch_in_epoch)
+        bar = tqdm(total=self.steps_per_epoch_batches, initial=s.batch_in_epoch, desc=f"epoch {s.epoch + 1}/{t['epochs']}",
+                   disable=not show_bar, leave=False, dynamic_ncols=True)
+        self.window = LossWindow(self.device, s.step + 1, self.info.world_size)
+        step = TrainStep(self.optimizer, self.scheduler, self.scaler, self.window, accumulate=self.accumulate,
+                         amp_dtype=self.amp_dtype, clip=self._clip_gradients if t["grad_clip_norm"] else None)
+        self.optimizer.zero_grad(set_to_none=True)
+        for i, images, labels in self._batches():
+            step.backward(self.loss_fn, images, labels, global_batch)
             s.batch_in_epoch = i + 1
             bar.update(1)
-            if (i + 1) % self.accumulate:
+            if not step.due:
                 continue
-            if t["grad_clip_norm"]:
-                self.scaler.unscale_(self.optimizer)
-                self._clip_gradients(t["grad_clip_norm"])
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scheduler.step()
+            step.optimizer_step()
             s.step += 1
             if s.step % t["log_every"] == 0 or s.batch_in_epoch == self.steps_per_epoch_batches:
                 self._close_window(bar, show_bar)
-            every = cfg["checkpoint"]["save_every_steps"]
             if every and s.step % every == 0 and s.batch_in_epoch < self.steps_per_epoch_batches:
                 self._check_finite()
                 self._save("last.pth")
@@ -641,42 +568,31 @@ class Trainer:
         bar.close()
         return s.batch_in_epoch < self.steps_per_epoch_batches
 
-    def _forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """The loss of one micro-batch under the configured autocast."""
-        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
-            if not self.config["training"]["compile"]:
-                return self.forward(images, labels)
-            from torch._dynamo.exc import BackendCompilerFailed
-
-            try:
-                return self.forward(images, labels)
-            except BackendCompilerFailed as exc:  # the first call compiles: no C++ compiler, no Triton, ...
-                inner = getattr(exc, "inner_exception", None) or exc
-                reason = f"{type(inner).__name__}: {(str(inner).strip().splitlines() or [''])[0][:300]}"
-                raise TrainingError(f"training.compile: torch.compile could not compile the backbone ({reason}); "
-                                    "set training.compile: false") from None
-
     def _close_window(self, bar: Any, show_bar: bool) -> None:
         """Read the loss window (the loop's one wait for the device), stop on a non-finite loss, log it."""
         s, w = self.state, self.window
-        mean_loss, finite = w.read()
+        reading = w.read()
         now = time.perf_counter()
-        if not finite:
-            raise self._nonfinite_error(mean_loss)
+        if not reading.finite:
+            raise self._nonfinite_error(reading.loss)
         lr = self.optimizer.param_groups[-1]["lr"]  # the group at training.lr (the classifier)
         speed = w.images / max(now - w.started, 1e-9)
-        bar.set_postfix(loss=f"{mean_loss:.3f}", lr=f"{lr:.2e}", img_s=f"{speed:.0f}")
+        bar.set_postfix(loss=f"{reading.loss:.3f}", lr=f"{lr:.2e}", img_s=f"{speed:.0f}")
         if not show_bar:
-            self.logger.info("epoch %d step %d: loss %.4f lr %.3e %.1f images/s", s.epoch + 1, s.step, mean_loss, lr, speed)
+            parts = f" ({', '.join(f'{k} {v:.4f}' for k, v in reading.terms.items())})" if len(reading.terms) > 1 else ""
+            self.logger.info("epoch %d step %d: loss %.4f%s lr %.3e %.1f images/s", s.epoch + 1, s.step, reading.loss,
+                             parts, lr, speed)
         if self.writer:
-            self.writer.record("train", s.step, s.epoch, {"loss": mean_loss, "lr": lr, "images_per_s": speed}, tb_prefix="train")
+            terms = {f"loss_{k}": v for k, v in reading.terms.items()}
+            self.writer.record("train", s.step, s.epoch, {"loss": reading.loss, **terms, "lr": lr, "images_per_s": speed},
+                               tb_prefix="train")
         w.reset(s.step + 1, started=now)  # logging time counts in the next window's speed
 
     def _check_finite(self) -> None:
         """Before writing a checkpoint mid-window: stop if any loss since the last read was not finite."""
-        mean_loss, finite = self.window.read()
-        if not finite:
-            raise self._nonfinite_error(mean_loss)
+        reading = self.window.read()
+        if not reading.finite:
+            raise self._nonfinite_error(reading.loss)
 
     def _nonfinite_error(self, value: float) -> TrainingError:
         s, first = self.state, self.window.first_step
@@ -687,6 +603,23 @@ class Trainer:
             f"checkpoint in {self.run_dir} is intact. Lower training.lr, check training.grad_clip_norm, or turn off "
             "training.amp"
         )
+
+
+def _naming_compile_failures(loss_fn: LossFn) -> LossFn:
+    """Wrap a compiled forward: a compiler failure (first call) becomes a TrainingError naming training.compile."""
+
+    def call(x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        from torch._dynamo.exc import BackendCompilerFailed
+
+        try:
+            return loss_fn(x, y)
+        except BackendCompilerFailed as exc:  # the first call compiles: no C++ compiler, no Triton, ...
+            inner = getattr(exc, "inner_exception", None) or exc
+            reason = f"{type(inner).__name__}: {(str(inner).strip().splitlines() or [''])[0][:300]}"
+            raise TrainingError(f"training.compile: torch.compile could not compile the backbone ({reason}); "
+                                "set training.compile: false") from None
+
+    return call
 
 
 def train(config: dict, resume: str | bool | None = None, verbose: bool = True) -> dict:
