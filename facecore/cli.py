@@ -33,8 +33,10 @@ LAZY_COMMANDS: dict[str, str] = {
 class LazyGroup(click.Group):
     """A click group whose bigger commands are imported on first use.
 
-    A command whose import fails is listed as unavailable (so ``--help`` still works) and
-    says why when run.
+    A command whose import fails for want of an optional dependency (an ImportError about a
+    module outside the command's own package) is listed as unavailable, so ``--help`` still
+    works, and says why when run. Any other exception, a missing module of facecore itself
+    included, is a bug and propagates.
     """
 
     def list_commands(self, ctx: click.Context) -> list[str]:
@@ -45,9 +47,19 @@ class LazyGroup(click.Group):
             module, attr = LAZY_COMMANDS[name].split(":")
             try:
                 return getattr(importlib.import_module(module), attr)
-            except Exception as exc:  # a broken command must not take the whole CLI down
+            except ImportError as exc:
+                if not _missing_dependency(exc, module):
+                    raise
                 return _unavailable(name, f"{type(exc).__name__}: {exc}")
         return super().get_command(ctx, name)
+
+
+def _missing_dependency(exc: ImportError, module: str) -> bool:
+    """Whether ``exc`` is about a module outside ``module``'s package (a dependency, not the command's own code)."""
+    missing = exc.name
+    if missing is None:  # raised by a dependency's own import code ("needs libGL", ...)
+        return True
+    return missing.split(".")[0] != module.split(".")[0]
 
 
 def _unavailable(name: str, reason: str) -> click.Command:

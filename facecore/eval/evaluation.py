@@ -218,7 +218,8 @@ def load_trained_backbone(
     checkpoints store it); a bare state dict (InsightFace ``backbone.pth``) needs a config file.
     """
     from ..core.build import build_backbone
-    from ..core.checkpoint import is_facecore_checkpoint, load_backbone_weights, load_checkpoint
+    from ..core.checkpoint import is_facecore_checkpoint, load_checkpoint
+    from ..core.pretrained import load_backbone
     from ..core.config import apply_overrides, load_config, validate_config
 
     obj = load_checkpoint(checkpoint_path)
@@ -232,7 +233,7 @@ def load_trained_backbone(
             "backbone.pth): pass --config with the model section that matches it"
         )
     backbone = build_backbone(config)
-    load_backbone_weights(backbone, obj, checkpoint_path, config["model"]["backbone"])
+    load_backbone(backbone, obj, checkpoint_path, config["model"]["backbone"])
     backbone.eval()
     return backbone, config, obj
 

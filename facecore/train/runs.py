@@ -84,10 +84,6 @@ class RunWriter:
                 if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
                     self.tb.add_scalar(f"{tb_prefix}/{key}", value, step)
 
-    def scalar(self, tag: str, value: float, step: int) -> None:
-        if self.tb is not None:
-            self.tb.add_scalar(tag, value, step)
-
     def close(self) -> None:
         if self.tb is not None:
             self.tb.flush()
