@@ -442,10 +442,39 @@ def test_defaults_are_filled_inside_list_entries(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text(SEED_STYLE)
     config = load_config(path, ["data.augment=[flip, {name: random_crop, mode: pad}]",
-                                "eval.metrics=[auc, {name: tar_at_far, far_targets: [0.1]}]"])
+                                "eval.metrics=[auc, {name: tar_at_far, far_targets: [0.1]}]",
+                                "checkpoint.best_metric.key=auc"])
     assert config["data"]["augment"][0] == "flip"  # a bare name stays a name
     crop = config["data"]["augment"][1]
     assert crop == {"name": "random_crop", "mode": "pad", "p": 0.5, "scale": [0.2, 1.0], "ratio": [0.75, 4 / 3]}
     assert config["eval"]["metrics"][1] == {"name": "tar_at_far", "far_targets": [0.1],
                                             "extra_far_targets": [1e-4, 1e-5, 1e-6], "flip": True}
     assert validate_config(yaml_load(dump_config(config))) == config
+
+
+def test_best_metric_defaults_to_accuracy_and_must_be_produced(tmp_path):
+    from facecore.core.build import metric_keys
+
+    path = tmp_path / "c.yaml"
+    path.write_text(SEED_STYLE)
+    config = load_config(path)
+    assert config["checkpoint"]["best_metric"] == {"key": "accuracy", "mode": "max"}
+    assert {"accuracy", "best_threshold", "auc", "eer", "tar@far=1e-03"} <= metric_keys(config)
+    assert load_config(path, ["checkpoint.best_metric={key: eer, mode: min}"])["checkpoint"]["best_metric"]["mode"] == "min"
+    with pytest.raises(ConfigError) as err:
+        load_config(path, ["eval.metrics=[auc, eer]", "checkpoint.best_metric.key=acuracy"])
+    assert err.value.errors == ["checkpoint.best_metric.key: no eval.metrics entry produces 'acuracy'; they produce "
+                                "auc, eer (from --set checkpoint.best_metric.key=acuracy)"]
+    with pytest.raises(ConfigError) as err:
+        load_config(path, ["checkpoint.best_metric.mode=high"])
+    assert "checkpoint.best_metric.mode" in str(err.value)
+
+
+def test_two_metrics_producing_one_key_is_an_error_naming_both(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(SEED_STYLE)
+    with pytest.raises(ConfigError) as err:
+        load_config(path, ["eval.metrics=[verification, auc, {name: auc, flip: false}]"])
+    assert len(err.value.errors) == 1
+    assert err.value.errors[0].startswith("eval.metrics: eval.metrics[1] (auc) and eval.metrics[2] (auc) both "
+                                          "produce 'auc'")
