@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from facecore.eval.evaluation import roc_auc
+from facecore.eval.evaluation import roc_auc, roc_from_scores
 from facecore.eval.roc_plot import plot_roc
 from facecore.eval.ijb import (
     FAR_TARGETS,
@@ -35,7 +35,6 @@ from facecore.eval.ijb import (
     far_label,
     pair_scores,
     pool_templates,
-    roc_of_scores,
     tar_at_far,
     template_rows,
     weight_features,
@@ -137,7 +136,7 @@ def main() -> None:
     ids, pooled = timed("pool", pool_templates, feats, data.templates, data.medias)
     rows = timed("rows", template_rows, ids, data.pairs)
     scores = timed("score", pair_scores, pooled, rows[:, 0], rows[:, 1])
-    roc = timed("roc", roc_of_scores, scores, data.labels)
+    roc = timed("roc", roc_from_scores, scores, data.labels)
     read = timed("tar", tar_at_far, roc, FAR_TARGETS, negatives=data.labels.size - genuine, positives=genuine)
     timed("auc", roc_auc, roc)
     timed("plot", plot_roc, {"IJBC": roc}, None)  # the ROC PNG, drawn but not saved

@@ -1,7 +1,7 @@
 """facecore: plugin-based face-recognition training.
 
 The public API (stable for plugins and notebooks): ``hookimpl``, ``available``,
-``create``, ``load_config``, ``Predictor``, the ``align`` module and the error classes.
+``create``, ``load_config``, ``evaluate``, ``Predictor``, the ``align`` module and the error classes.
 """
 
 from __future__ import annotations
@@ -9,13 +9,13 @@ from __future__ import annotations
 from typing import Any
 
 from .errors import CheckpointError, ConfigError, DataError, FacecoreError, PluginError, TrainingError
-from .hookspecs import hookimpl
+from .core.hookspecs import hookimpl
 
 __version__ = "0.1.0"
 
 
 def available(group: str) -> list[str]:
-    """Names registered in a group: ``backbones``, ``heads``, ``datasets``, ``schedulers``, ``metrics``."""
+    """Names registered in a group: ``backbones``, ``heads``, ``datasets``, ``schedulers``, ``metrics``, ..."""
     from .core.plugins import registry
 
     return registry(group).names()
@@ -28,39 +28,20 @@ def create(group: str, name: str, **options: Any) -> Any:
     ``optimizer, steps_per_epoch, epochs, warmup_epochs`` for schedulers) are passed through
     unvalidated. Unknown group or name: PluginError; bad options: ConfigError listing all.
     """
-    from .core.plugins import registry
-    from .core.registry import CONTEXT_ARGS, SINGULAR
-    from .core.validation import schema_errors
+    from .core.build import create as _create
 
-    reg = registry(group).get(name)
-    context = {k: options.pop(k) for k in CONTEXT_ARGS[group] if k in options}
-    schema = dict(reg.schema or {"type": "object", "additionalProperties": False})
-    schema["properties"] = {k: v for k, v in reg.options.items() if k not in CONTEXT_ARGS[group]}
-    schema["required"] = [k for k in schema.get("required", []) if k not in CONTEXT_ARGS[group]]
-    errors = schema_errors(schema, options, prefix=name)
-    if errors:
-        raise ConfigError(errors, f"the options of {SINGULAR[group]} '{name}'")
-    _check_context(group, name, reg.factory, context)
-    return reg.factory(**context, **options)
+    return _create(group, name, **options)
 
 
-def _check_context(group: str, name: str, factory: Any, context: dict) -> None:
-    """A clear TypeError when a caller forgets a context argument the factory needs."""
-    import inspect
+def evaluate(checkpoint: str, config: str | None = None, *, bins: Any = (), ijb_root: str | None = None,
+             **kwargs: Any) -> Any:
+    """Evaluate a checkpoint on .bin pair sets and IJB template sets; see :func:`facecore.eval.run.evaluate`.
 
-    from .core.registry import CONTEXT_ARGS
+    Returns an :class:`~facecore.eval.run.Evaluation` (per set: metrics, ROC, the files it wrote).
+    """
+    from .eval.run import evaluate as _evaluate
 
-    try:
-        params = inspect.signature(factory).parameters
-    except (TypeError, ValueError):
-        return
-    missing = [
-        k for k in CONTEXT_ARGS[group]
-        if k not in context and k in params and params[k].default is inspect.Parameter.empty
-    ]
-    if missing:
-        args = ", ".join(f"{k}=..." for k in missing)
-        raise TypeError(f"create({group!r}, {name!r}) needs {args}: the core passes it to every one of the {group}")
+    return _evaluate(checkpoint, config, bins=bins, ijb_root=ijb_root, **kwargs)
 
 
 def load_config(path: str, overrides: tuple[str, ...] | list[str] = ()) -> dict:
@@ -94,6 +75,7 @@ __all__ = [
     "align",
     "available",
     "create",
+    "evaluate",
     "hookimpl",
     "load_config",
 ]

@@ -13,9 +13,22 @@ import click
 
 from . import __version__
 from .commands import set_option, user_errors
-from .core.registry import GROUPS
+from .core.groups import group_names
 
-GROUP_CHOICES = list(GROUPS)
+
+class _GroupChoice(click.Choice):
+    """The group names of ``core/groups.py``, read when the option is parsed (not at import)."""
+
+    def __init__(self) -> None:
+        super().__init__([])
+
+    @property  # type: ignore[override]
+    def choices(self) -> list[str]:
+        return list(group_names())
+
+    @choices.setter
+    def choices(self, value: object) -> None:
+        pass
 
 
 # Commands that live in their own modules, loaded only when used (keeps --help free of torch).
@@ -33,8 +46,10 @@ LAZY_COMMANDS: dict[str, str] = {
 class LazyGroup(click.Group):
     """A click group whose bigger commands are imported on first use.
 
-    A command whose import fails is listed as unavailable (so ``--help`` still works) and
-    says why when run.
+    A command whose import fails for want of an optional dependency (an ImportError about a
+    module outside the command's own package) is listed as unavailable, so ``--help`` still
+    works, and says why when run. Any other exception, a missing module of facecore itself
+    included, is a bug and propagates.
     """
 
     def list_commands(self, ctx: click.Context) -> list[str]:
@@ -45,9 +60,19 @@ class LazyGroup(click.Group):
             module, attr = LAZY_COMMANDS[name].split(":")
             try:
                 return getattr(importlib.import_module(module), attr)
-            except Exception as exc:  # a broken command must not take the whole CLI down
+            except ImportError as exc:
+                if not _missing_dependency(exc, module):
+                    raise
                 return _unavailable(name, f"{type(exc).__name__}: {exc}")
         return super().get_command(ctx, name)
+
+
+def _missing_dependency(exc: ImportError, module: str) -> bool:
+    """Whether ``exc`` is about a module outside ``module``'s package (a dependency, not the command's own code)."""
+    missing = exc.name
+    if missing is None:  # raised by a dependency's own import code ("needs libGL", ...)
+        return True
+    return missing.split(".")[0] != module.split(".")[0]
 
 
 def _unavailable(name: str, reason: str) -> click.Command:
@@ -70,7 +95,7 @@ def main() -> None:
 
 
 @main.command("list-plugins")
-@click.option("--group", type=click.Choice(GROUP_CHOICES), help="Only this component group.")
+@click.option("--group", type=_GroupChoice(), help="Only this component group.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (sorted, stable) instead of a table.")
 @user_errors
 def list_plugins(group: str | None, as_json: bool) -> None:
@@ -89,7 +114,7 @@ def list_plugins(group: str | None, as_json: bool) -> None:
     """
     from .core.plugins import broken_plugins, load_warnings, loaded_plugins, registry
 
-    groups = [group] if group else GROUP_CHOICES
+    groups = [group] if group else list(group_names())
     rows = []
     for g in groups:
         for name in registry(g).names():
@@ -149,6 +174,19 @@ def validate(config_path: str, overrides: tuple[str, ...], print_config: bool) -
     else:
         suffix = f" (with {len(overrides)} --set override(s))" if overrides else ""
         click.echo(f"OK: {config_path} is valid{suffix}")
+
+
+@main.command()
+@click.option("--config", "config_path", type=click.Path(dir_okay=False),
+              help="Also add the options of the plugins this config names.")
+@user_errors
+def schema(config_path: str | None) -> None:
+    """Print the config's JSON Schema: the core keys, the keys that name plugins, and with --config the options
+    of the plugins that config names."""
+    from .core.config import compose_schema, core_schema, read_yaml
+
+    out = compose_schema(read_yaml(config_path))[0] if config_path else core_schema()
+    click.echo(json.dumps(out, indent=2))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -22,7 +22,7 @@ class ImageFolderDataset(Dataset):
         if on_bad_image not in ("stop", "skip"):
             raise DataError(f"data.on_bad_image must be 'stop' or 'skip', got {on_bad_image!r}")
         self.root = root
-        self.train = train
+        self.train = train  # the group's context argument; augmentation happens on the device (data.augment)
         self.img_size = img_size
         self.skip_bad = on_bad_image == "skip"
         self.skipped = 0
@@ -39,7 +39,7 @@ class ImageFolderDataset(Dataset):
             data = path.read_bytes()
         except OSError as exc:
             raise DataError(f"cannot read image {path}: {exc.strerror}") from None
-        image = training_item(data, img_size=self.img_size, train=self.train, where=str(path), skip_bad=self.skip_bad)
+        image = training_item(data, img_size=self.img_size, where=str(path), skip_bad=self.skip_bad)
         if image is None:
             self.skipped += 1
             return skipped_placeholder(self.img_size), -1

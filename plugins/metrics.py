@@ -202,11 +202,21 @@ class Eer:
         return {"eer": math.nan if roc is None else equal_error_rate(roc)}
 
 
+def tar_at_far_keys(far_targets: list[float], extra_far_targets: list[float], flip: bool) -> list[str]:
+    """The keys TarAtFar can produce with these options (the extra targets only on sets big enough)."""
+    return [far_key(t) for t in sorted({*far_targets, *extra_far_targets}, reverse=True)]
+
+
 @hookimpl
 def register_metrics(register):
     register("verification", Verification, schema=VERIFICATION_SCHEMA,
-             description="10-fold accuracy on squared L2 distance (LFW protocol): accuracy, accuracy_std, best_threshold")
+             description="10-fold accuracy on squared L2 distance (LFW protocol): accuracy, accuracy_std, best_threshold",
+             keys=["accuracy", "accuracy_std", "best_threshold"],
+             threshold={"key": "best_threshold", "kind": "squared_l2"})
     register("tar_at_far", TarAtFar, schema=TAR_AT_FAR_SCHEMA,
-             description="TAR at FAR targets from the cosine-similarity ROC: tar@far=1e-01, ...")
-    register("auc", Auc, schema=FLIP_ONLY_SCHEMA, description="Area under the cosine-similarity ROC: auc")
-    register("eer", Eer, schema=FLIP_ONLY_SCHEMA, description="Equal error rate of the cosine-similarity ROC: eer")
+             description="TAR at FAR targets from the cosine-similarity ROC: tar@far=1e-01, ...",
+             keys=tar_at_far_keys, roc=True)
+    register("auc", Auc, schema=FLIP_ONLY_SCHEMA, description="Area under the cosine-similarity ROC: auc",
+             keys=["auc"], roc=True)
+    register("eer", Eer, schema=FLIP_ONLY_SCHEMA, description="Equal error rate of the cosine-similarity ROC: eer",
+             keys=["eer"], roc=True)

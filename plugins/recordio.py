@@ -57,7 +57,7 @@ class RecordIODataset(Dataset):
         self.root = Path(root)
         if not self.root.is_dir():
             raise DataError(f"data.root {self.root} is not a folder; it must hold train.rec, train.idx and property")
-        self.train = train
+        self.train = train  # the group's context argument; augmentation happens on the device (data.augment)
         self.img_size = img_size
         self.skip_bad = on_bad_image == "skip"
         self.skipped = 0
@@ -154,7 +154,7 @@ class RecordIODataset(Dataset):
             raise DataError(f"{self.reader.path}: record key {key} at byte offset {self.reader.offset(key)}: "
                             f"{exc}") from None
         label = self._label(key, class_label(header), self.num_classes)
-        image = training_item(data, img_size=self.img_size, train=self.train, skip_bad=self.skip_bad,
+        image = training_item(data, img_size=self.img_size, skip_bad=self.skip_bad,
                               where=lambda: f"{self.reader.path}: record key {key} at byte offset "
                               f"{self.reader.offset(key)}")
         if image is None:

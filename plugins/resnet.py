@@ -3,7 +3,7 @@
 One network (improved residual blocks, BN-dropout-FC-BN embedding) with the stage depths of
 InsightFace's ``iresnet18/34/50/100/200``. Parameter names and shapes follow arcface_torch's
 ``iresnet``, so its published ``backbone.pth`` of the same depth loads with ``strict=True``
-(``facecore.core.checkpoint.load_backbone_weights``).
+(``facecore.core.pretrained.load_backbone``).
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import facecore
-from facecore.core.checkpoint import load_backbone_weights
+from facecore.core.pretrained import load_backbone
 from facecore.errors import ConfigError
 from facecore.core.plugins import registry
 from facecore.testing import check_backbone
@@ -241,7 +241,7 @@ def test_insightface_style_weights_load_strictly(tmp_path):
     path = tmp_path / "backbone.pth"
     torch.save(state, path)
     model = facecore.create("backbones", "resnet50", embedding_size=64, layers=layers)
-    load_backbone_weights(model, torch.load(path, weights_only=True), path, "resnet50")
+    load_backbone(model, torch.load(path, weights_only=True), path, "resnet50")
     for k, v in model.state_dict().items():
         assert torch.equal(v, state[k]), k
 

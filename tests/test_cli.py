@@ -208,7 +208,7 @@ def test_validate_in_a_subprocess_prints_no_traceback(tmp_path):
 # --- the lazy command group --------------------------------------------------------------
 
 
-def test_lazy_commands_load_on_use_and_a_broken_one_does_not_take_the_cli_down(monkeypatch, tmp_path):
+def test_lazy_commands_load_on_use_and_a_missing_dependency_does_not_take_the_cli_down(monkeypatch, tmp_path):
     package = tmp_path / "fc_cli_fake"
     package.mkdir()
     (package / "__init__.py").write_text("")
@@ -216,24 +216,36 @@ def test_lazy_commands_load_on_use_and_a_broken_one_does_not_take_the_cli_down(m
         "import click\n@click.command()\ndef hello():\n    'Say hello.'\n    click.echo('hello')\n"
     )
     (package / "bad.py").write_text("raise ImportError('needs onnx')\n")
+    (package / "nodep.py").write_text("import fc_cli_not_installed_dependency\n")
+    (package / "buggy.py").write_text("undefined_name\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setattr(cli, "LAZY_COMMANDS", {
         **cli.LAZY_COMMANDS,
         "hello": "fc_cli_fake.good:hello",
         "broken": "fc_cli_fake.bad:cmd",
+        "nodep": "fc_cli_fake.nodep:cmd",
         "absent": "fc_cli_fake.absent:cmd",
+        "buggy": "fc_cli_fake.buggy:cmd",
     })
     try:
         names = cli.main.list_commands(None)
         assert {"hello", "broken", "absent"} <= set(names)
         assert {"list-plugins", "validate"} <= set(names)
         assert _run("hello").stdout == "hello\n"
-        helped = _run("--help")
-        assert helped.exit_code == 0 and "unavailable" in helped.stdout
         broken = _run("broken", "--anything")
         assert broken.exit_code == 1 and "needs onnx" in broken.output
-        absent = _run("absent")
-        assert absent.exit_code == 1 and "No module named 'fc_cli_fake.absent'" in absent.output
+        nodep = _run("nodep")
+        assert nodep.exit_code == 1 and "No module named 'fc_cli_not_installed_dependency'" in nodep.output
+        # the command's own package missing a module, or a NameError, is a bug: it surfaces
+        with pytest.raises(ModuleNotFoundError):
+            cli.main.get_command(None, "absent")
+        with pytest.raises(NameError):
+            cli.main.get_command(None, "buggy")
+        monkeypatch.setattr(cli, "LAZY_COMMANDS", {k: v for k, v in cli.LAZY_COMMANDS.items()
+                                                   if k not in ("absent", "buggy")})
+        helped = _run("--help")
+        assert helped.exit_code == 0 and "unavailable" in helped.stdout
     finally:
-        for name in ("fc_cli_fake", "fc_cli_fake.good", "fc_cli_fake.bad"):
+        for name in ("fc_cli_fake", "fc_cli_fake.good", "fc_cli_fake.bad", "fc_cli_fake.nodep",
+                     "fc_cli_fake.buggy"):
             sys.modules.pop(name, None)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -21,6 +20,7 @@ from facecore.core.config import (
     section_options,
     spec_name_options,
     validate_config,
+    yaml_load,
 )
 from facecore.core.plugins import registry
 
@@ -174,14 +174,7 @@ eval:
 """
 
 
-def _needs_bundled(*modules: str) -> None:
-    missing = [m for m in modules if importlib.util.find_spec(f"facecore_plugins.{m}") is None]
-    if missing:
-        pytest.skip(f"bundled plugin modules not written yet: {missing}")
-
-
 def test_seed_style_config_validates_unchanged_with_bundled_plugins(tmp_path):
-    _needs_bundled("resnet", "heads", "recordio", "bin_pairs", "schedulers", "metrics")
     path = tmp_path / "seed.yaml"
     path.write_text(SEED_STYLE)
     written = yaml.safe_load(SEED_STYLE)
@@ -194,11 +187,22 @@ def test_seed_style_config_validates_unchanged_with_bundled_plugins(tmp_path):
             assert effective[section] == values
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
-def test_shipped_example_configs_validate(path):
-    _needs_bundled("resnet", "fastcontextface", "heads", "recordio", "bin_pairs", "schedulers", "metrics")
+SHIPPED_CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+
+
+def test_the_shipped_configs_are_found():
+    names = {p.name for p in SHIPPED_CONFIGS}
+    assert {"quickstart.yaml", "resnet50.yaml", "fastcontextface.yaml"} <= names, names
+
+
+@pytest.mark.parametrize("path", SHIPPED_CONFIGS, ids=lambda p: p.name)
+def test_shipped_config_validates_and_its_effective_form_round_trips(path):
     config = load_config(path)
     assert config["model"]["backbone"] in registry("backbones")
+    assert config["head"]["type"] in registry("heads")
+    assert config["data"]["type"] in registry("datasets")
+    # what a run saves as config.yaml validates again to the same effective config
+    assert validate_config(yaml_load(dump_config(config)), str(path)) == config
 
 
 # --- bad configs: every message has the key path and the value ---------------------------
@@ -431,3 +435,46 @@ def test_dump_config_round_trips(slots):
     config = validate_config(BASE)
     assert yaml.safe_load(dump_config(config)) == config
     assert validate_config(yaml.safe_load(dump_config(config))) == config
+
+
+def test_defaults_are_filled_inside_list_entries(tmp_path):
+    # the saved config.yaml shows every option a run used, those of data.augment and eval.metrics entries too
+    path = tmp_path / "c.yaml"
+    path.write_text(SEED_STYLE)
+    config = load_config(path, ["data.augment=[flip, {name: random_crop, mode: pad}]",
+                                "eval.metrics=[auc, {name: tar_at_far, far_targets: [0.1]}]",
+                                "checkpoint.best_metric.key=auc"])
+    assert config["data"]["augment"][0] == "flip"  # a bare name stays a name
+    crop = config["data"]["augment"][1]
+    assert crop == {"name": "random_crop", "mode": "pad", "p": 0.5, "scale": [0.2, 1.0], "ratio": [0.75, 4 / 3]}
+    assert config["eval"]["metrics"][1] == {"name": "tar_at_far", "far_targets": [0.1],
+                                            "extra_far_targets": [1e-4, 1e-5, 1e-6], "flip": True}
+    assert validate_config(yaml_load(dump_config(config))) == config
+
+
+def test_best_metric_defaults_to_accuracy_and_must_be_produced(tmp_path):
+    from facecore.core.build import metric_keys
+
+    path = tmp_path / "c.yaml"
+    path.write_text(SEED_STYLE)
+    config = load_config(path)
+    assert config["checkpoint"]["best_metric"] == {"key": "accuracy", "mode": "max"}
+    assert {"accuracy", "best_threshold", "auc", "eer", "tar@far=1e-03"} <= metric_keys(config)
+    assert load_config(path, ["checkpoint.best_metric={key: eer, mode: min}"])["checkpoint"]["best_metric"]["mode"] == "min"
+    with pytest.raises(ConfigError) as err:
+        load_config(path, ["eval.metrics=[auc, eer]", "checkpoint.best_metric.key=acuracy"])
+    assert err.value.errors == ["checkpoint.best_metric.key: no eval.metrics entry produces 'acuracy'; they produce "
+                                "auc, eer (from --set checkpoint.best_metric.key=acuracy)"]
+    with pytest.raises(ConfigError) as err:
+        load_config(path, ["checkpoint.best_metric.mode=high"])
+    assert "checkpoint.best_metric.mode" in str(err.value)
+
+
+def test_two_metrics_producing_one_key_is_an_error_naming_both(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(SEED_STYLE)
+    with pytest.raises(ConfigError) as err:
+        load_config(path, ["eval.metrics=[verification, auc, {name: auc, flip: false}]"])
+    assert len(err.value.errors) == 1
+    assert err.value.errors[0].startswith("eval.metrics: eval.metrics[1] (auc) and eval.metrics[2] (auc) both "
+                                          "produce 'auc'")

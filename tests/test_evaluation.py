@@ -274,3 +274,26 @@ def test_roc_plot_axis_and_curves(tmp_path):
     xs = np.linspace(0, 10, 1000)
     pts = thin_polyline(xs, xs * 2)
     assert pts[0] == (0.0, 0.0) and pts[-1] == (10.0, 20.0) and len(pts) <= 22
+
+
+# ----------------------------------------------------------------------------- the library
+def test_pair_set_names_are_stems_made_unique():
+    from facecore.core.build import pair_set_names
+
+    assert pair_set_names(["a/lfw.bin", "b/lfw.bin", "cfp_fp.bin", "c/lfw.bin"]) == ["lfw", "lfw-2", "cfp_fp", "lfw-3"]
+    assert pair_set_names([]) == []
+
+
+def test_evaluate_returns_results_and_writes_only_when_asked(run_dir):
+    extra = run_dir / "data" / "sub" / "lfw.bin"
+    extra.parent.mkdir()
+    write_pairs(extra, 12, seed=3)
+    lines = []
+    result = facecore.evaluate(str(run_dir / "best.pth"), bins=[run_dir / "data" / "lfw.bin", extra], say=lines.append)
+    assert [s.name for s in result.sets] == ["lfw", "lfw-2"] and result.step == 7
+    assert result.results["lfw"]["accuracy"] == 1.0 and result.sets[0].roc is not None
+    assert lines[0].startswith("evaluating lfw (20 pairs) on cpu")
+    assert not (run_dir / "logs").exists()  # nothing written yet
+    written = result.write()
+    assert all(p.is_file() for p in written) and len(written) == 4  # .txt, .json, two ROC PNGs
+    assert json.loads(written[1].read_text())["roc_plots"] == {s.name: str(s.plot) for s in result.sets}

@@ -101,7 +101,7 @@ def test_fast_protocol_equals_the_reference(norm_score, detector_score):
     # float32 scores may swap pairs that float64 tells apart by 1e-7, so each reading is compared on the same scores
     assert (result.tar, result.tar_strict) == reference_tar(result.scores, labels)
     genuine = int(labels.sum())
-    read = ijb.tar_at_far(ijb.roc_of_scores(sims, labels), ijb.FAR_TARGETS, negatives=labels.size - genuine,
+    read = ijb.tar_at_far(roc_from_scores(sims, labels), ijb.FAR_TARGETS, negatives=labels.size - genuine,
                           positives=genuine)
     assert (read["tar"], read["tar_strict"]) == reference_tar(sims, labels)
     assert result.pairs == 44850 and result.genuine == 600 and result.templates == 300
@@ -134,17 +134,27 @@ def test_template_rows_and_unknown_templates(monkeypatch, span):
         ijb.template_rows(ids, np.array([[1, 5], [9, 3], [1, 3]]))
 
 
-def test_roc_of_scores_equals_the_argsort_roc():
+def _argsort_roc(scores, labels):
+    """The textbook ROC: one argsort, cumulative counts at the last index of each run of equal scores."""
+    order = np.argsort(-scores.astype(np.float64), kind="stable")
+    s, y = scores[order], labels[order]
+    last = np.r_[np.flatnonzero(np.diff(s)), s.size - 1]
+    tps = np.cumsum(y)[last]
+    fps = last + 1 - tps
+    return np.r_[0.0, fps / (~labels).sum()], np.r_[0.0, tps / labels.sum()], np.r_[np.inf, s[last]]
+
+
+def test_the_two_sort_roc_equals_the_argsort_roc():
     rng = np.random.default_rng(2)
-    scores = np.round(rng.standard_normal(4000), 1).astype(np.float32)  # many ties
-    labels = rng.random(4000) < 0.2
-    fast, slow = ijb.roc_of_scores(scores, labels), roc_from_scores(scores, labels)
-    for a, b in zip(fast, slow):
-        np.testing.assert_array_equal(a, b)
+    for dtype in (np.float32, np.float64):
+        scores = np.round(rng.standard_normal(4000), 1).astype(dtype)  # many ties
+        labels = rng.random(4000) < 0.2
+        for a, b in zip(roc_from_scores(scores, labels), _argsort_roc(scores, labels)):
+            np.testing.assert_array_equal(a, b)
     with pytest.raises(DataError, match="needs both same and different"):
-        ijb.roc_of_scores(scores, np.zeros(4000, bool))
+        roc_from_scores(scores, np.zeros(4000, bool))
     with pytest.raises(DataError, match="NaN or infinite"):
-        ijb.roc_of_scores(np.r_[scores[:-1], np.nan], labels)
+        roc_from_scores(np.r_[scores[:-1], np.nan], labels, check_finite=True)
 
 
 def test_tar_readings_nearest_and_strict():
@@ -344,3 +354,30 @@ def test_ijbb_layout(tmp_path):
     assert data.name == "IJBB" and len(data) == summary["images"] and data.labels.tolist().count(1) == 2
     with pytest.raises(DataError, match="holds neither IJBC/meta/ nor meta/"):
         facecore.create("datasets", "ijb", root=str(tmp_path))
+
+
+class _Uint8Templates(torch.utils.data.Dataset):
+    """A template-set reader that leaves normalization to the core: uint8 images (and no problems)."""
+
+    def __init__(self, images: torch.Tensor, floats: bool = False):
+        self.images, self.floats = images, floats
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        image = self.images[i]
+        return ((image.float() - 127.5) / 127.5 if self.floats else image), ""
+
+
+def test_embed_images_normalizes_uint8_like_the_pair_sets():
+    torch.manual_seed(0)
+    net = TinyNet(6)
+    images = torch.randint(0, 256, (5, 3, 112, 112), dtype=torch.uint8)
+    got = ijb.embed_images(net, _Uint8Templates(images), 2, "cpu")
+    want = ijb.embed_images(net, _Uint8Templates(images, floats=True), 2, "cpu")
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    from facecore.eval.evaluation import embed
+
+    plain, mirrored = embed(net, [x for x in images], 2, "cpu")
+    np.testing.assert_allclose(got, plain + mirrored, atol=1e-5)

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import facecore
-from facecore.core.checkpoint import load_backbone_weights
+from facecore.core.pretrained import load_backbone
 from facecore.core.plugins import registry
 
 
@@ -119,7 +119,7 @@ def test_mobilefacenet_published_layout_loads_and_is_used(tmp_path):
     path = tmp_path / "backbone.pth"
     torch.save(state, path)
     model = facecore.create("backbones", "mobilefacenet", embedding_size=64, blocks=[1, 1, 1, 1], scale=1)
-    load_backbone_weights(model, torch.load(path, weights_only=True), path, "mobilefacenet")
+    load_backbone(model, torch.load(path, weights_only=True), path, "mobilefacenet")
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
     x = torch.rand(2, 3, 112, 112) * 2 - 1
     sizes = []
@@ -177,7 +177,7 @@ def test_vit_published_layout_loads_strictly(tmp_path):
     path = tmp_path / "backbone.pth"
     torch.save(state, path)
     model = small_vit()
-    load_backbone_weights(model, torch.load(path, weights_only=True), path, "vit_t")
+    load_backbone(model, torch.load(path, weights_only=True), path, "vit_t")
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
 
 

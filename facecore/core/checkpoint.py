@@ -1,5 +1,7 @@
-"""Checkpoint files: atomic writes, safe loads (``weights_only=True``), and backbone weights
-from a facecore checkpoint or another model's file (the layouts live in ``pretrained.py``)."""
+"""Checkpoint files: atomic writes and safe loads (``weights_only=True``).
+
+Reading backbone weights out of a loaded file, in any layout, is ``pretrained.py``'s job; that
+module imports this one, never the other way round."""
 
 from __future__ import annotations
 
@@ -65,23 +67,6 @@ def load_checkpoint(path: str | Path) -> Any:
 
 
 def is_facecore_checkpoint(obj: Any) -> bool:
+    """Whether ``obj`` (a loaded file) was written by :func:`save_checkpoint`."""
     return isinstance(obj, dict) and obj.get("format") == FORMAT
 
-
-def backbone_state_dict(obj: Any, path: str | Path = "checkpoint") -> dict:
-    """The backbone weights in a loaded checkpoint, in facecore's layout.
-
-    Any layout :func:`facecore.core.pretrained.backbone_weights` reads: a facecore checkpoint,
-    a bare state dict (InsightFace ``backbone.pth``), an arcface_torch or Lightning training
-    checkpoint, an AdaFace ``.ckpt``; a ``module.`` prefix (DDP saves) is stripped.
-    """
-    from .pretrained import backbone_weights
-
-    return backbone_weights(obj, path).state
-
-
-def load_backbone_weights(backbone: Any, obj: Any, path: str | Path, backbone_name: str = "backbone") -> None:
-    """Load weights into ``backbone`` strictly; a mismatch names both the file and the model."""
-    from .pretrained import load_backbone
-
-    load_backbone(backbone, obj, path, backbone_name)

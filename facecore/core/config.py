@@ -1,8 +1,9 @@
 """Config loading: YAML + ``--set`` overrides + defaults, validated against the composed schema.
 
-The core schema (schemas/config.schema.json) is extended at run time with the options
-schema of each plugin the config selects, so one validation pass reports every problem,
-core keys and plugin options alike, each with its dotted path.
+The core schema is schemas/config.schema.json plus the keys that name plugins, taken from the
+group table (``core/groups.py``). At run time each such key is extended with the options schema
+of the plugin the config names, so one validation pass reports every problem, core keys and
+plugin options alike, each with its dotted path.
 """
 
 from __future__ import annotations
@@ -18,25 +19,9 @@ from typing import Any, Iterable
 import yaml
 
 from ..errors import ConfigError, PluginError
-from .registry import CONTEXT_ARGS, SINGULAR, Registration, accepts
+from .groups import Slot, group_spec, slots
+from .registry import Registration, accepts
 from .validation import dotted, fill_defaults, schema_errors
-
-# Sections whose keys are core keys plus the options of the plugin that a key names.
-SECTION_SLOTS: tuple[tuple[str, str, str], ...] = (
-    ("model", "backbone", "backbones"),
-    ("head", "type", "heads"),
-    ("data", "type", "datasets"),
-)
-# Values that are a plugin name or {name: ..., option: value}; ``many`` for lists of them.
-SPEC_SLOTS: tuple[tuple[str, str, str, bool], ...] = (
-    ("training", "scheduler", "schedulers", False),
-    ("eval", "metrics", "metrics", True),
-    ("data", "augment", "augmentations", True),
-)
-# A {name: ...} entry may also hold core keys that the core schema declares beside ``name``
-# (data.augment's ``p``); they are validated with the plugin's options but not passed to it.
-# eval.dataset only names a plugin: the pair-set reader (checked by _check_pair_reader).
-
 
 class ConfigLoader(yaml.SafeLoader):
     """PyYAML's safe loader, plus ``1e-3`` read as a float (YAML 1.2) and duplicate keys rejected.
@@ -114,8 +99,31 @@ def _core_schema_text() -> str:
 
 
 def core_schema() -> dict:
-    """The core keys' schema as shipped in schemas/config.schema.json (a fresh copy each call)."""
-    return json.loads(_core_schema_text())
+    """The core keys' schema: schemas/config.schema.json plus every group's slots (a fresh copy each call)."""
+    schema = json.loads(_core_schema_text())
+    for _, slot in slots():
+        _add_slot(schema, slot)
+    return schema
+
+
+def _add_slot(schema: dict, slot: Slot) -> None:
+    """Put a slot's key into its section of the core schema (a missing section is created)."""
+    node = schema
+    for part in slot.section.split("."):
+        props = node.setdefault("properties", {})
+        if part not in props:
+            props[part] = {"type": "object", "default": {}, "additionalProperties": False, "properties": {}}
+        node = props[part]
+    props = node.setdefault("properties", {})
+    items = [(k, v) for k, v in props.items() if k != slot.key]
+    if slot.after in props:
+        at = [k for k, _ in items].index(slot.after) + 1
+    else:
+        at = 0 if slot.kind == "section" else len(items)
+    items.insert(at, (slot.key, slot.fragment()))
+    node["properties"] = dict(items)
+    if slot.required:
+        node["required"] = sorted({*node.get("required", []), slot.key})
 
 
 def read_yaml(path: str | Path) -> dict:
@@ -208,13 +216,6 @@ def _lookup(group: str, name: str, path: str, errors: list[str]) -> Registration
         return None
 
 
-def _plugin_properties(reg: Registration) -> tuple[dict, list[str]]:
-    context = CONTEXT_ARGS[reg.group]
-    props = {k: v for k, v in reg.options.items() if k not in context}
-    required = [k for k in (reg.schema or {}).get("required", []) if k not in context]
-    return props, required
-
-
 # Whole-object constraints of a plugin schema that still apply once its properties are merged.
 _OBJECT_KEYWORDS = ("allOf", "anyOf", "oneOf", "not", "if", "then", "else", "dependentRequired",
                     "dependentSchemas", "minProperties", "maxProperties")
@@ -225,7 +226,7 @@ def _object_constraints(reg: Registration) -> dict:
 
 
 def _extend_section(section_schema: dict, reg: Registration) -> None:
-    props, required = _plugin_properties(reg)
+    props, required = reg.config_options()
     own = section_schema.setdefault("properties", {})
     for key, sub in props.items():
         if key in own and isinstance(sub, dict):  # a core key the plugin also takes: both schemas apply
@@ -245,17 +246,8 @@ def _extend_section(section_schema: dict, reg: Registration) -> None:
         section_schema.setdefault("allOf", []).append(extra)
 
 
-def spec_core_keys(slot_schema: dict, many: bool) -> dict:
-    """The core keys besides ``name`` that a slot's ``{name: ...}`` entries take, from the core schema."""
-    item = slot_schema.get("items", {}) if many else slot_schema
-    for branch in item.get("anyOf", []):
-        if isinstance(branch, dict) and branch.get("type") == "object":
-            return {k: v for k, v in branch.get("properties", {}).items() if k != "name"}
-    return {}
-
-
 def _spec_schema(reg: Registration, core_keys: dict) -> dict:
-    props, required = _plugin_properties(reg)
+    props, required = reg.config_options()
     return {
         "type": "object",
         "properties": {"name": {"type": "string"}, **props, **core_keys},
@@ -265,84 +257,110 @@ def _spec_schema(reg: Registration, core_keys: dict) -> dict:
     }
 
 
+def _node(tree: Any, dotted_path: str, schema: bool = False) -> Any:
+    """The value (or, with ``schema``, the schema) at a dotted section path; None when absent."""
+    for part in dotted_path.split(".") if dotted_path else []:
+        if not isinstance(tree, dict):
+            return None
+        tree = tree.get("properties", {}).get(part) if schema else tree.get(part)
+    return tree
+
+
 def _compose_sections(config: dict, props: dict, errors: list[str]) -> None:
-    for section, key, group in SECTION_SLOTS:
-        node = config.get(section)
-        if not isinstance(node, dict):
+    for spec, slot in slots():
+        if slot.kind != "section":
             continue
-        if not isinstance(node.get(key), str):  # reported by the schema; other keys cannot be judged
-            props[section]["additionalProperties"] = True
+        node, target = _node(config, slot.section), _node({"properties": props}, slot.section, schema=True)
+        if not isinstance(node, dict) or target is None:
             continue
-        reg = _lookup(group, node[key], f"{section}.{key}", errors)
-        if reg is not None and not all(accepts(reg, arg) for arg in CONTEXT_ARGS[group]):
-            errors.append(_wrong_role(section, key, reg))
+        if not isinstance(node.get(slot.key), str):  # reported by the schema; other keys cannot be judged
+            target["additionalProperties"] = True
+            continue
+        reg = _lookup(spec.name, node[slot.key], slot.path, errors)
+        if reg is not None and not all(accepts(reg, arg) for arg in spec.context_args):
+            errors.append(_wrong_role(slot, reg))
             reg = None
         if reg is None:
-            props[section]["additionalProperties"] = True  # no cascade of unknown-key errors
+            target["additionalProperties"] = True  # no cascade of unknown-key errors
         else:
-            _extend_section(props[section], reg)
+            _extend_section(target, reg)
 
 
-def _wrong_role(section: str, key: str, reg: Registration) -> str:
+def _wrong_role(slot: Slot, reg: Registration) -> str:
     """A plugin named in a slot whose context arguments its factory does not take (a pair set as data.type)."""
     from .plugins import registry
 
-    group = reg.group
-    missing = [arg for arg in CONTEXT_ARGS[group] if not accepts(reg, arg)]
-    fits = [n for n in registry(group).names() if all(accepts(registry(group).entries[n], a) for a in CONTEXT_ARGS[group])]
+    spec = group_spec(reg.group)
+    group = registry(reg.group)
+    missing = [arg for arg in spec.context_args if not accepts(reg, arg)]
+    fits = [n for n in group.names() if all(accepts(group.entries[n], a) for a in spec.context_args)]
     args = ", ".join(f"'{a}'" for a in missing)
     what = (f"is not a training set (its factory takes no {args} argument; pair and template sets belong under eval)"
-            if group == "datasets" else f"cannot be used here: its factory takes no {args} argument")
-    return f"{section}.{key}: {SINGULAR[group]} '{reg.name}' {what}; these fit: {', '.join(fits) or 'none installed'}"
+            if reg.group == "datasets" else f"cannot be used here: its factory takes no {args} argument")
+    return f"{slot.path}: {spec.singular} '{reg.name}' {what}; these fit: {', '.join(fits) or 'none installed'}"
 
 
 def _compose_specs(config: dict, props: dict, errors: list[str]) -> None:
-    for section, key, group, many in SPEC_SLOTS:
-        node = config.get(section)
-        if not isinstance(node, dict) or key not in node:
+    for spec, slot in slots():
+        if slot.kind not in ("one", "many"):
             continue
-        values = node[key] if many else [node[key]]
+        many = slot.kind == "many"
+        node, section = _node(config, slot.section), _node({"properties": props}, slot.section, schema=True)
+        if not isinstance(node, dict) or slot.key not in node or section is None:
+            continue
+        values = node[slot.key] if many else [node[slot.key]]
         if not isinstance(values, list):
             continue
-        core_keys = spec_core_keys(props[section]["properties"][key], many)
         item_schemas = []
-        for i, spec in enumerate(values):
-            path = f"{section}.{key}[{i}]" if many else f"{section}.{key}"
-            name = spec if isinstance(spec, str) else spec.get("name") if isinstance(spec, dict) else None
-            reg = _lookup(group, name, path, errors) if isinstance(name, str) else None
+        for i, entry in enumerate(values):
+            path = f"{slot.path}[{i}]" if many else slot.path
+            name = entry if isinstance(entry, str) else entry.get("name") if isinstance(entry, dict) else None
+            reg = _lookup(spec.name, name, path, errors) if isinstance(name, str) else None
             if reg is None:
                 item_schemas.append({})
-            elif isinstance(spec, dict):
-                item_schemas.append(_spec_schema(reg, core_keys))
+            elif isinstance(entry, dict):
+                item_schemas.append(_spec_schema(reg, dict(slot.core_keys)))
             else:
-                _, required = _plugin_properties(reg)
+                _, required = reg.config_options()
                 if required:
-                    errors.append(f"{path}: {SINGULAR[group]} '{name}' needs the options {', '.join(required)}; "
+                    errors.append(f"{path}: {spec.singular} '{name}' needs the options {', '.join(required)}; "
                                   f"write it as {{name: {name}, {required[0]}: ...}}")
                 item_schemas.append({"type": "string"})
-        target = props[section]["properties"]
+        target = section["properties"]
         if many:  # prefixItems replaces items for the first len(values) entries: keep the generic check
-            generic = target[key].get("items", {})
+            generic = target[slot.key].get("items", {})
             item_schemas = [s or generic for s in item_schemas]
-            target[key] = {**target[key], "prefixItems": item_schemas}
+            target[slot.key] = {**target[slot.key], "prefixItems": item_schemas}
         elif item_schemas[0]:
-            target[key] = {**item_schemas[0], "default": target[key].get("default")}
+            target[slot.key] = {**item_schemas[0], "default": target[slot.key].get("default")}
 
 
-def _check_pair_reader(config: dict, errors: list[str]) -> None:
-    """``eval.dataset`` must name a dataset that reads pair files (one with a ``path`` option)."""
+def reader_problem(slot: Slot, reg: Registration) -> str | None:
+    """Why the component ``reg`` cannot fill a ``name`` slot (it lacks an option the slot needs), or None."""
     from .plugins import registry
 
-    node = config.get("eval")
-    if not isinstance(node, dict) or not isinstance(node.get("dataset"), str):
-        return
-    reg = _lookup("datasets", node["dataset"], "eval.dataset", errors)
-    if reg is not None and "path" not in reg.options:
-        readers = [n for n in registry("datasets").names() if "path" in registry("datasets").entries[n].options]
-        errors.append(
-            f"eval.dataset: dataset '{reg.name}' does not read pair sets (it has no 'path' option); "
-            f"pair-set readers: {', '.join(readers) or 'none installed'}"
-        )
+    lacking = [n for n in slot.needs if n not in reg.options]
+    if not lacking:
+        return None
+    group = registry(reg.group)
+    readers = [n for n in group.names() if set(slot.needs) <= set(group.entries[n].options)]
+    options = " and ".join(f"'{n}'" for n in slot.needs) + (" option" if len(slot.needs) == 1 else " options")
+    return (f"{slot.path}: {group_spec(reg.group).singular} '{reg.name}' does not read {slot.role}s (it has no "
+            f"{options}); {slot.role.replace(' ', '-')} readers: {', '.join(readers) or 'none installed'}")
+
+
+def _check_readers(config: dict, errors: list[str]) -> None:
+    """Each checked ``name`` slot names a component that has the options the slot needs."""
+    for spec, slot in slots():
+        if slot.kind != "name" or not slot.checked:
+            continue
+        node = _node(config, slot.section)
+        if not isinstance(node, dict) or not isinstance(node.get(slot.key), str):
+            continue
+        reg = _lookup(spec.name, node[slot.key], slot.path, errors)
+        problem = reg and reader_problem(slot, reg)
+        if problem:
+            errors.append(problem)
 
 
 def compose_schema(config: dict) -> tuple[dict, list[str]]:
@@ -355,7 +373,7 @@ def compose_schema(config: dict) -> tuple[dict, list[str]]:
     props = schema["properties"]
     _compose_sections(config, props, errors)
     _compose_specs(config, props, errors)
-    _check_pair_reader(config, errors)
+    _check_readers(config, errors)
     return schema, errors
 
 
@@ -420,10 +438,30 @@ def validate_config(config: dict, source: str | None = None, overrides: Iterable
     schema, errors = compose_schema(config)
     fill_defaults(schema, config)
     errors = errors + schema_errors(schema, config)
+    if not errors:  # the metric entries are valid: what they declare can be read
+        errors = _metric_key_errors(config)
     if errors:
         errors = sorted(set(errors), key=lambda e: (e.partition(": ")[0], errors.index(e)))  # by key path
         raise ConfigError(_mark_overrides(errors, overrides), source)
     return _schema_order(config, schema)
+
+
+def _metric_key_errors(config: dict) -> list[str]:
+    """Two ``eval.metrics`` entries that produce one key, and a ``checkpoint.best_metric.key`` none produces."""
+    from .build import metric_key_owners
+
+    try:
+        owners, undeclared = metric_key_owners(config)
+    except PluginError as exc:
+        return [f"eval.metrics: {exc}"]
+    errors = [f"eval.metrics: {' and '.join(where)} both produce '{key}'; keep one of them (results are "
+              "one dict per pair set, so one would overwrite the other)"
+              for key, where in owners.items() if len(where) > 1]
+    key = config["checkpoint"]["best_metric"]["key"]
+    if key not in owners and not undeclared:
+        errors.append(f"checkpoint.best_metric.key: no eval.metrics entry produces '{key}'; they produce "
+                      f"{', '.join(sorted(owners)) or 'nothing'}")
+    return errors
 
 
 def load_config(path: str | Path, overrides: Iterable[str] = ()) -> dict:
@@ -444,8 +482,8 @@ def spec_name_options(spec: str | dict) -> tuple[str, dict]:
 
 def section_options(section: dict, reg: Registration) -> dict:
     """The keys of a config section that the plugin's schema declares: its options."""
-    declared = reg.options
-    return {k: v for k, v in section.items() if k in declared and k not in CONTEXT_ARGS[reg.group]}
+    declared, _ = reg.config_options()
+    return {k: v for k, v in section.items() if k in declared}
 
 
 class _ConfigDumper(yaml.SafeDumper):
@@ -475,7 +513,6 @@ __all__ = [
     "parse_override",
     "read_yaml",
     "section_options",
-    "spec_core_keys",
     "spec_name_options",
     "validate_config",
     "yaml_load",

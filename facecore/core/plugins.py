@@ -27,14 +27,14 @@ from typing import Any, Callable
 import pluggy
 from jsonschema import Draft202012Validator, SchemaError
 
-from .. import hookspecs
 from ..errors import PluginError
-from .registry import GROUPS, BrokenPlugin, Provider, Registration, Registry
+from . import hookspecs
+from .groups import group_names, group_spec
+from .registry import BrokenPlugin, Provider, Registration, Registry
 
 ENTRY_POINT_GROUP = "facecore"
 LOAD_ENV = "FACECORE_LOAD_PLUGINS"
 CORE_DISTRIBUTION = "facecore"
-HOOK_NAMES: tuple[str, ...] = tuple(f"register_{g}" for g in GROUPS)
 
 pm = pluggy.PluginManager("facecore")
 pm.add_hookspecs(hookspecs)
@@ -84,11 +84,21 @@ def _one_line(text: str) -> str:
     return "; ".join(line.strip() for line in str(text).splitlines() if line.strip())
 
 
-def _hint() -> str:
-    from .. import __version__
+def hook_names() -> tuple[str, ...]:
+    """The ``register_<group>`` hooks of the groups in ``core/groups.py``."""
+    return tuple(group_spec(g).hook for g in group_names())
 
+
+def _version() -> str:
+    try:
+        return metadata.version(CORE_DISTRIBUTION)
+    except metadata.PackageNotFoundError:  # a checkout on sys.path without its metadata
+        return ""
+
+
+def _hint() -> str:
     return (
-        f"facecore {__version__} has the hooks {', '.join(f'{h}(register)' for h in HOOK_NAMES)}; "
+        f"{f'facecore {_version()}'.strip()} has the hooks {', '.join(f'{h}(register)' for h in hook_names())}; "
         "the plugin may be written for another facecore version"
     )
 
@@ -110,7 +120,7 @@ def unknown_hooks(plugin: Any) -> list[str]:
 def _unknown_hook_error(names: list[str]) -> str:
     parts = []
     for name in names:
-        close = difflib.get_close_matches(name, HOOK_NAMES, n=1, cutoff=0.6)
+        close = difflib.get_close_matches(name, hook_names(), n=1, cutoff=0.6)
         parts.append(f"'{name}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
     return f"unknown hook {', '.join(parts)}; {_hint()}"
 
@@ -216,13 +226,16 @@ def _conflicts(registries: dict[str, Registry]) -> list[BrokenPlugin]:
 
 
 def _collect() -> tuple[dict[str, Registry], list[BrokenPlugin]]:
-    registries = {g: Registry(g) for g in GROUPS}
+    registries = {g: Registry(g) for g in group_names()}
     broken = list(_load_broken)
     plugins = [(n, p) for n, p in pm.list_name_plugin() if p is not None]
     order = {id(p): i for i, (_, p) in enumerate(plugins)}
     rejected = _reject_unknown_hooks(plugins, broken)
-    for group in GROUPS:
-        caller = getattr(pm.hook, f"register_{group}")
+    for group in group_names():
+        hook = group_spec(group).hook
+        caller = getattr(pm.hook, hook, None)
+        if caller is None or not caller.has_spec():
+            raise PluginError(f"group '{group}' has no {hook} hook specification (core/hookspecs.py)")
         impls = sorted(caller.get_hookimpls(), key=lambda i: order.get(id(i.plugin), len(order)))
         for impl in impls:  # registration order: the first to claim a name keeps it
             if id(impl.plugin) in rejected:
@@ -230,13 +243,13 @@ def _collect() -> tuple[dict[str, Registry], list[BrokenPlugin]]:
             provider = _provider_of(impl.plugin_name)
             if impl.hookwrapper or impl.wrapper:
                 broken.append(BrokenPlugin(impl.plugin_name, provider.distribution, provider.version,
-                                           f"register_{group} must be a plain hook implementation, not a wrapper"))
+                                           f"{hook} must be a plain hook implementation, not a wrapper"))
                 continue
             staged: list[Registration] = []
             try:
                 impl.function(**{arg: _make_register(group, provider, staged) for arg in impl.argnames})
             except Exception as exc:  # drop everything this hook registered before it failed
-                error = f"register_{group} raised {type(exc).__name__}: {_one_line(exc)}"
+                error = f"{hook} raised {type(exc).__name__}: {_one_line(exc)}"
                 broken.append(BrokenPlugin(impl.plugin_name, provider.distribution, provider.version, error))
                 continue
             for reg in staged:
@@ -255,8 +268,12 @@ def _add(registry: Registry, reg: Registration) -> None:
 
 
 def _make_register(group: str, provider: Provider, staged: list[Registration]) -> Callable[..., None]:
-    def register(name: str, factory: Callable[..., Any], *, schema: dict | None = None, description: str = "") -> None:
-        """Register ``factory`` under ``name`` with an options JSON Schema and a one-line description."""
+    allowed = group_spec(group).declares
+
+    def register(name: str, factory: Callable[..., Any], *, schema: dict | None = None, description: str = "",
+                 **declared: Any) -> None:
+        """Register ``factory`` under ``name`` with an options JSON Schema, a one-line description and the
+        group's declarations (``declares`` of its spec: metrics' ``keys``, ...)."""
         if not isinstance(name, str) or not name.strip():
             raise TypeError(f"a {group} name must be a non-empty string, got {name!r}")
         if not callable(factory):
@@ -270,7 +287,11 @@ def _make_register(group: str, provider: Provider, staged: list[Registration]) -
                 Draft202012Validator.check_schema(schema)
             except SchemaError as exc:
                 raise TypeError(f"{group} '{name}': invalid options schema: {exc.message}") from None
-        staged.append(Registration(group, name, factory, schema, description, provider))
+        unknown = sorted(set(declared) - set(allowed))
+        if unknown:
+            takes = f"; {group} declare {', '.join(allowed)}" if allowed else ""
+            raise TypeError(f"{group} '{name}': unknown register() argument {', '.join(unknown)}{takes}")
+        staged.append(Registration(group, name, factory, schema, description, provider, dict(declared)))
 
     return register
 
@@ -279,7 +300,7 @@ def _state() -> tuple[dict[str, Registry], list[BrokenPlugin]]:
     global _cache
     load_plugins()
     plugins = pm.list_name_plugin()
-    key = tuple((name, id(p)) for name, p in plugins)
+    key = (group_names(), *((name, id(p)) for name, p in plugins))  # a group added (tests) recomputes too
     if _cache is None or _cache[0] != key:
         registries, broken = _collect()
         _cache = (key, plugins, registries, broken)  # holding the objects keeps their ids unique
@@ -287,9 +308,8 @@ def _state() -> tuple[dict[str, Registry], list[BrokenPlugin]]:
 
 
 def registry(group: str) -> Registry:
-    """The registry of one group (``backbones``, ``heads``, ...)."""
-    if group not in GROUPS:
-        raise PluginError(f"unknown plugin group '{group}': groups are {', '.join(GROUPS)}")
+    """The registry of one group (``backbones``, ``heads``, ...; see ``core/groups.py``)."""
+    group_spec(group)  # PluginError for an unknown group
     return _state()[0][group]
 
 

@@ -5,43 +5,10 @@ from __future__ import annotations
 import difflib
 import inspect
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from ..errors import PluginError
-
-GROUPS: tuple[str, ...] = ("backbones", "heads", "datasets", "schedulers", "metrics", "augmentations")
-
-# Arguments the core itself always passes to a group's factories; they are part of
-# the group's contract, not options, so they are not validated by the plugin's schema.
-CONTEXT_ARGS: dict[str, tuple[str, ...]] = {
-    "backbones": ("embedding_size",),
-    "heads": (),
-    "datasets": ("train",),
-    "schedulers": ("optimizer", "steps_per_epoch", "epochs", "warmup_epochs"),
-    "metrics": (),
-    "augmentations": (),
-}
-
-# Context arguments every factory of the group must accept (training datasets get
-# ``train``, pair-set readers do not, so it is optional for datasets).
-REQUIRED_CONTEXT_ARGS: dict[str, tuple[str, ...]] = {
-    "backbones": ("embedding_size",),
-    "heads": (),
-    "datasets": (),
-    "schedulers": ("optimizer", "steps_per_epoch", "epochs", "warmup_epochs"),
-    "metrics": (),
-    "augmentations": (),
-}
-
-SINGULAR = {
-    "backbones": "backbone",
-    "heads": "head",
-    "datasets": "dataset",
-    "schedulers": "scheduler",
-    "metrics": "metric",
-    "augmentations": "augmentation",
-}
-
+from .groups import group_spec
 
 @dataclass(frozen=True)
 class Provider:
@@ -65,11 +32,19 @@ class Registration:
     schema: dict | None
     description: str
     provider: Provider
+    declared: Mapping[str, Any] = field(default_factory=dict)  # the group's extra declarations (metric keys)
 
     @property
     def options(self) -> dict:
         """The option properties the factory accepts (empty when it takes none)."""
         return dict((self.schema or {}).get("properties", {}))
+
+    def config_options(self) -> tuple[dict, list[str]]:
+        """(properties, required) of the options a config gives: the schema's, less the group's context arguments."""
+        context = group_spec(self.group).context_args
+        props = {k: v for k, v in self.options.items() if k not in context}
+        required = [k for k in (self.schema or {}).get("required", []) if k not in context]
+        return props, required
 
 
 @dataclass(frozen=True)
@@ -114,7 +89,7 @@ class Registry:
         if name in self.conflicts:
             who = " and ".join(str(p) for p in self.conflicts[name])
             raise PluginError(
-                f"{SINGULAR[self.group]} '{name}' is registered by both {who}; uninstall one of "
+                f"{group_spec(self.group).singular} '{name}' is registered by both {who}; uninstall one of "
                 "them or leave one out with FACECORE_LOAD_PLUGINS"
             )
         try:
@@ -127,7 +102,7 @@ class Registry:
                     "'facecore list-plugins' shows why)"
                 )
             raise PluginError(
-                f"unknown {SINGULAR[self.group]} '{name}': {self.suggest(name)}. "
+                f"unknown {group_spec(self.group).singular} '{name}': {self.suggest(name)}. "
                 f"If it comes from a plugin, is that plugin installed?{broken}"
             ) from None
 
@@ -140,13 +115,29 @@ def _same_default(schema_default: Any, factory_default: Any) -> bool:
     return schema_default == factory_default
 
 
+def factory_parameters(factory: Callable[..., Any]) -> Mapping[str, inspect.Parameter] | None:
+    """The parameters of a factory's signature; None when it cannot be inspected (a C callable)."""
+    try:
+        return inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        return None
+
+
 def accepts(reg: Registration, arg: str) -> bool:
     """Whether the factory takes the keyword ``arg`` (by name or ``**kwargs``); True when not introspectable."""
-    try:
-        params = inspect.signature(reg.factory).parameters
-    except (TypeError, ValueError):
+    params = factory_parameters(reg.factory)
+    if params is None:
         return True
     return arg in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+def missing_context(reg: Registration, context: Mapping[str, Any]) -> list[str]:
+    """Context arguments of the group the factory needs (no default) that ``context`` lacks."""
+    params = factory_parameters(reg.factory)
+    if params is None:
+        return []
+    return [k for k in group_spec(reg.group).context_args
+            if k not in context and k in params and params[k].default is inspect.Parameter.empty]
 
 
 def contract_problems(reg: Registration) -> list[str]:
@@ -158,18 +149,18 @@ def contract_problems(reg: Registration) -> list[str]:
     """
     from jsonschema import Draft202012Validator
 
-    where = f"{SINGULAR[reg.group]} '{reg.name}' ({reg.provider})"
-    try:
-        params = inspect.signature(reg.factory).parameters
-    except (TypeError, ValueError):
+    spec = group_spec(reg.group)
+    where = f"{spec.singular} '{reg.name}' ({reg.provider})"
+    params = factory_parameters(reg.factory)
+    if params is None:
         return []  # not introspectable (a C callable): nothing to compare
     takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
     named = {n: p for n, p in params.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
-    context = CONTEXT_ARGS[reg.group]
+    context = spec.context_args
     options = {k: v for k, v in reg.options.items() if k not in context}
     required = set((reg.schema or {}).get("required", []))
     problems = []
-    for arg in REQUIRED_CONTEXT_ARGS[reg.group]:
+    for arg in spec.required_context_args:
         if arg not in named and not takes_any:
             problems.append(f"{where}: the factory must accept '{arg}' (passed by the core)")
     for name, param in named.items():

@@ -224,9 +224,26 @@ def schema_errors(schema: dict, instance: Any, prefix: str = "") -> list[str]:
 
 
 def fill_defaults(schema: dict, instance: Any) -> Any:
-    """Fill missing keys that have a ``default`` in ``schema`` (recursively, objects only)."""
-    if not isinstance(instance, dict) or not isinstance(schema, dict):
+    """Fill missing keys that have a ``default`` in ``schema``, recursively.
+
+    Goes into objects and into the objects of arrays (``prefixItems`` for the first entries,
+    ``items`` for the rest), so ``{name: tar_at_far}`` in ``eval.metrics`` gets its options'
+    defaults. Where a schema offers alternatives (``anyOf``/``oneOf``), an object is filled from
+    the object branch.
+    """
+    if not isinstance(schema, dict):
         return instance
+    if isinstance(instance, list):
+        prefix = schema.get("prefixItems", [])
+        for i, item in enumerate(instance):
+            fill_defaults(prefix[i] if i < len(prefix) else schema.get("items", {}), item)
+        return instance
+    if not isinstance(instance, dict):
+        return instance
+    for branch in schema.get("anyOf", schema.get("oneOf", [])):
+        if isinstance(branch, dict) and branch.get("type") == "object":
+            fill_defaults(branch, instance)
+            break
     props = dict(schema.get("properties", {}))
     for sub in schema.get("allOf", []):
         if isinstance(sub, dict):

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import io
 import os
-import random
 import warnings
 from pathlib import Path
 from typing import Any, Callable
@@ -160,11 +159,6 @@ def _as_chw(image: np.ndarray | torch.Tensor) -> torch.Tensor:
     return image
 
 
-def train_transform(image: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """Training transform: random horizontal flip (p=0.5), then normalize (HWC array or CHW uint8 tensor)."""
-    return normalize(_as_chw(image), flip=random.random() < 0.5)
-
-
 def eval_transform(image: np.ndarray | torch.Tensor) -> torch.Tensor:
     """Evaluation transform: normalize only (HWC array or CHW uint8 tensor)."""
     return normalize(_as_chw(image))
@@ -253,11 +247,12 @@ def training_item(
     data: bytes | bytearray | memoryview,
     *,
     img_size: int,
-    train: bool,
     where: str | Callable[[], str],
     skip_bad: bool,
 ) -> torch.Tensor | None:
-    """Decode and size-check one training image: (3, H, W) uint8, mirrored at random when ``train``.
+    """Decode and size-check one training image: (3, H, W) uint8, as stored.
+
+    Training datasets do not augment: the trainer does, on the device (``data.augment``).
 
     None when it is undecodable and ``skip_bad``. Normalizing to float waits for the device
     (:func:`model_input`), so batches cross process and device boundaries as uint8.
@@ -276,7 +271,7 @@ def training_item(
     if problem is not None:
         place = where() if callable(where) else where
         raise DataError(f"{place}: {problem}; re-pack the data at that size or set data.img_size")
-    return chw.flip(2) if train and random.random() < 0.5 else chw
+    return chw
 
 
 def skipped_placeholder(img_size: int) -> torch.Tensor:

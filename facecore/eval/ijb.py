@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -31,7 +30,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..errors import DataError, PluginError
-from .evaluation import RocCurve, roc_auc
+from .evaluation import RocCurve, embedding_batches, roc_auc, roc_from_scores
 
 FAR_TARGETS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 TEMPLATE_SET_ATTRIBUTES = ("templates", "medias", "scores", "pairs", "labels")
@@ -96,45 +95,20 @@ def embed_images(
 ) -> np.ndarray:
     """Image features (N, D) float32 in dataset order: f(x) + f(mirror of x), or f(x) without ``flip``.
 
-    Items are images, or ``(image, problem)`` where ``problem`` is "" or a message about an
-    image that could not be read: a DataLoader worker cannot raise a clean error, so the
-    first problem is raised here as a DataError. The output is filled in place (one array).
+    The embedding pass is :func:`~facecore.eval.evaluation.embedding_batches` (uint8 images are
+    normalized as everywhere else; an image that could not be read is a DataError); the output is
+    filled in place, one array for IJB-C's 469k images.
     """
-    import torch
-    from torch.utils.data import DataLoader
-    from tqdm import tqdm
-
-    device = torch.device(device)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        pin_memory=device.type == "cuda")
     out: np.ndarray | None = None
     done = 0
-    was_training = backbone.training
-    backbone.eval()
-    bar = tqdm(total=len(dataset), unit="img", desc="embed", disable=not progress or not sys.stderr.isatty())
-    try:
-        with torch.no_grad():
-            for batch in loader:
-                images, problems = (batch[0], batch[1]) if isinstance(batch, (list, tuple)) else (batch, None)
-                bad = [p for p in problems or () if p]
-                if bad:
-                    more = f" (and {len(bad) - 1} more in the same batch)" if len(bad) > 1 else ""
-                    raise DataError(f"{bad[0]}{more}")
-                images = images.to(device, non_blocking=True).float()
-                n = images.shape[0]
-                feats = backbone(torch.cat([images, torch.flip(images, dims=[3])]) if flip else images).float()
-                if flip:
-                    feats = feats[:n] + feats[n:]
-                if out is None:
-                    out = np.empty((len(dataset), feats.shape[1]), dtype=np.float32)
-                out[done : done + n] = feats.cpu().numpy()
-                done += n
-                bar.update(n)
-    finally:
-        bar.close()
-        backbone.train(was_training)
-    if out is None:
-        raise DataError("the template set has no images")
+    for a, b in embedding_batches(backbone, dataset, batch_size, device, flip=flip, num_workers=num_workers,
+                                  progress=progress, what="template set"):
+        feats = a + b if b is not None else a
+        if out is None:
+            out = np.empty((len(dataset), feats.shape[1]), dtype=np.float32)
+        out[done : done + feats.shape[0]] = feats.cpu().numpy()
+        done += feats.shape[0]
+    assert out is not None  # embedding_batches raised on an empty set
     return out
 
 
@@ -264,41 +238,6 @@ def pair_scores(features: np.ndarray, first: np.ndarray, second: np.ndarray) -> 
     return out
 
 
-def roc_of_scores(scores: np.ndarray, labels: np.ndarray) -> RocCurve:
-    """The ROC of ``evaluation.roc_from_scores`` (one point per distinct score), from two sorts.
-
-    For millions of pairs this avoids an argsort: all scores and the genuine pairs' scores
-    are sorted separately, and the counts above each distinct score come from positions.
-    """
-    scores = np.asarray(scores).reshape(-1)
-    same = np.asarray(labels, dtype=bool).reshape(-1)
-    if scores.size != same.size:
-        raise DataError(f"{scores.size} scores but {same.size} labels")
-    if not np.isfinite(scores).all():
-        raise DataError("some pair scores are NaN or infinite: the model's embeddings are not finite")
-    n_pos = int(same.sum())
-    n_neg = same.size - n_pos
-    if n_pos == 0 or n_neg == 0:
-        raise DataError(f"an ROC needs both same and different pairs; this set has {n_pos} same and {n_neg} different")
-    ordered = np.sort(scores)
-    starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])  # first position of each distinct score
-    values = ordered[starts][::-1]  # distinct scores, descending: the ROC's thresholds
-    del ordered
-    fps = scores.size - starts[::-1]  # pairs scoring >= each threshold (fps once tps are taken off)
-    del starts
-    tps = n_pos - np.searchsorted(np.sort(scores[same]), values, side="left")
-    fps -= tps
-    fpr = np.empty(fps.size + 1)
-    fpr[0] = 0.0
-    np.divide(fps, n_neg, out=fpr[1:])
-    del fps
-    tpr = np.empty(tps.size + 1)
-    tpr[0] = 0.0
-    np.divide(tps, n_pos, out=tpr[1:])
-    del tps
-    return RocCurve(fpr=fpr, tpr=tpr, thresholds=np.r_[np.inf, values.astype(np.float64)])
-
-
 def published_points(roc: RocCurve, negatives: int, positives: int) -> np.ndarray:
     """Indices of the ROC points that scikit-learn's ``roc_curve`` keeps by default (``drop_intermediate``).
 
@@ -398,7 +337,7 @@ def evaluate_templates(
     scores = pair_scores(template_features, rows[:, 0], rows[:, 1])
     seconds["score"] = time.perf_counter() - start
     start = time.perf_counter()
-    roc = roc_of_scores(scores, data.labels)
+    roc = roc_from_scores(scores, data.labels, check_finite=True)
     genuine = int(data.labels.sum())
     read = tar_at_far(roc, targets, negatives=data.labels.size - genuine, positives=genuine)
     auc = roc_auc(roc)
@@ -434,7 +373,6 @@ __all__ = [
     "pair_scores",
     "pool_templates",
     "published_points",
-    "roc_of_scores",
     "save_arrays",
     "tar_at_far",
     "template_rows",

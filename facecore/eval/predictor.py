@@ -19,24 +19,36 @@ from .evaluation import embed as embed_pass
 from .evaluation import l2_normalize, load_trained_backbone, resolve_device
 
 
-def threshold_from_checkpoint(ckpt: Any) -> float | None:
-    """Cosine threshold from the validation ``best_threshold`` values stored in a facecore checkpoint.
+def to_cosine(value: float, kind: str) -> float:
+    """A metric's decision threshold as a cosine similarity: ``squared_l2`` d between unit vectors is 1 - d / 2."""
+    if kind == "squared_l2":
+        return 1.0 - value / 2.0
+    if kind == "cosine":
+        return value
+    raise FacecoreError(f"unknown threshold kind '{kind}': a metric declares 'squared_l2' or 'cosine'")
 
-    ``best_threshold`` is a squared L2 distance d between unit vectors, so d = 2 - 2 cos and the
-    cosine threshold is 1 - d / 2; the mean over the validation sets. None when there is none.
+
+def threshold_from_checkpoint(ckpt: Any, config: dict) -> float | None:
+    """Cosine threshold from the validation results stored in a facecore checkpoint, or None.
+
+    Which result is a threshold, and of what, is declared by the configured metric that reports
+    one (``threshold={"key": ..., "kind": ...}`` at registration); the mean over the validation sets.
     """
+    from ..core.build import metric_threshold
+
     metrics = ckpt.get("val_metrics") if isinstance(ckpt, dict) else None
-    if not isinstance(metrics, dict):
+    declared = metric_threshold(config)
+    if not isinstance(metrics, dict) or declared is None:
         return None
+    key = declared["key"]
     found = [
-        float(v["best_threshold"])
+        float(v[key])
         for v in metrics.values()
-        if isinstance(v, dict) and isinstance(v.get("best_threshold"), (int, float))
-        and math.isfinite(v["best_threshold"])
+        if isinstance(v, dict) and isinstance(v.get(key), (int, float)) and math.isfinite(v[key])
     ]
     if not found:
         return None
-    return float(np.mean([1.0 - d / 2.0 for d in found]))
+    return float(np.mean([to_cosine(d, declared.get("kind", "cosine")) for d in found]))
 
 
 def _is_single(x: Any) -> bool:
@@ -77,7 +89,7 @@ class Predictor:
         self.img_size: int = config["data"]["img_size"]
         self.batch_size = batch_size
         # Cosine threshold from the checkpoint's validation results (None if absent); see is_same.
-        self.threshold: float | None = threshold_from_checkpoint(ckpt)
+        self.threshold: float | None = threshold_from_checkpoint(ckpt, config)
 
     def _tensor(self, image: Any) -> Any:
         from ..data.images import load_image

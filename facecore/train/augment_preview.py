@@ -15,6 +15,7 @@ from torch.utils.data.distributed import DistributedSampler
 
 from ..core.build import build_train_dataset
 from ..core.runtime import DistInfo
+from ..data.images import model_input
 from ..errors import DataError
 from .augment import Augmenter
 
@@ -32,9 +33,7 @@ def first_images(config: dict, count: int) -> torch.Tensor:
     sampler.set_epoch(0)
     indices = list(sampler)[:count]
     images = torch.stack([torch.as_tensor(dataset[i][0]) for i in indices])
-    if images.dtype == torch.uint8:  # datasets that leave normalization to the trainer
-        images = (images.float() - 127.5) / 127.5
-    return images
+    return model_input(images, f"the {config['data']['type']} dataset")  # the trainer's normalization
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from pathlib import Path
 from typing import Any
 
 from ..core.config import dump_config
+from ..core.tensorboard import TensorBoard
 from ..errors import CheckpointError
 
 LOGGER_NAME = "facecore"
@@ -65,11 +65,7 @@ class RunWriter:
     def __init__(self, run_dir: Path, tb_dir: Path | None):
         self.run_dir = run_dir
         self.metrics_path = run_dir / "metrics.jsonl"
-        self.tb = None
-        if tb_dir is not None:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(tb_dir))
+        self.tb = TensorBoard(tb_dir) if tb_dir is not None else None
 
     def write_config(self, config: dict) -> None:
         (self.run_dir / "config.yaml").write_text(dump_config(config))
@@ -80,15 +76,8 @@ class RunWriter:
         with self.metrics_path.open("a") as fh:
             fh.write(json.dumps(line, default=float) + "\n")
         if self.tb is not None and tb_prefix is not None:
-            for key, value in values.items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-                    self.tb.add_scalar(f"{tb_prefix}/{key}", value, step)
-
-    def scalar(self, tag: str, value: float, step: int) -> None:
-        if self.tb is not None:
-            self.tb.add_scalar(tag, value, step)
+            self.tb.scalars(tb_prefix, values, step)
 
     def close(self) -> None:
         if self.tb is not None:
-            self.tb.flush()
             self.tb.close()

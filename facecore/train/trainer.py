@@ -22,7 +22,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Sampler
 from torch.utils.data.distributed import DistributedSampler
 
-from ..core.build import build_backbone, build_head, build_metrics, build_pair_set, build_scheduler, build_train_dataset, pair_set_paths
+from ..core.build import (build_backbone, build_head, build_metrics, build_pair_set, build_scheduler, build_train_dataset,
+                          pair_set_names, pair_set_paths)
 from ..core.runtime import DistInfo, capture_rng, device_for, init_distributed, restore_rng, seed_everything
 from ..data.images import model_input
 from ..errors import DataError, FacecoreError, TrainingError
@@ -32,9 +33,6 @@ from .classifier import check_labels
 from .loss_window import LossWindow
 from .runs import RunWriter, new_run_dir, newest_checkpoint, setup_logging
 from .step import LossFn, TrainStep
-
-DEFAULT_BEST_METRIC = {"key": "accuracy", "mode": "max"}
-
 
 class ResumableSampler(Sampler[int]):
     """A DistributedSampler whose epoch can start part-way, skipping batches already trained on."""
@@ -108,7 +106,6 @@ class Trainer:
 
     def __init__(self, config: dict, resume: str | bool | None = None, verbose: bool = True):
         self.config = copy.deepcopy(config)
-        self.config["checkpoint"].setdefault("best_metric", dict(DEFAULT_BEST_METRIC))
         self.resume = resume if resume not in (None, False) else (True if config["training"]["resume"] else None)
         self.verbose = verbose
         self.owns_group = dist.is_available() and not dist.is_initialized()  # then close() destroys what init made
@@ -227,8 +224,6 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
 
     def _build_validation(self) -> None:
-        from ..eval.evaluation import pair_set_names
-
         cfg = self.config
         self.pair_sets, self.metrics = [], []
         paths = pair_set_paths(cfg)

@@ -1,6 +1,7 @@
-"""Hook specifications: one ``register_*`` hook per component group.
+"""Hook specifications: one ``register_<group>`` hook per group of ``core/groups.py``.
 
-Each hook receives ``register(name, factory, *, schema=None, description="")``.
+Each hook receives ``register(name, factory, *, schema=None, description="", **declared)``;
+``declared`` are the extra keywords the group's spec lists (metrics: ``keys``, ``threshold``, ``roc``).
 Implementations may take fewer arguments than the spec (pluggy's rule), so new
 arguments can be added later without breaking existing plugins.
 """
@@ -35,7 +36,14 @@ def register_schedulers(register):
 
 @hookspec
 def register_metrics(register):
-    """Register metrics: ``factory(**options) -> callable(embeddings, issame) -> dict[str, float]``."""
+    """Register metrics: ``factory(**options) -> callable(embeddings, issame) -> dict[str, float]``.
+
+    A metric declares the result keys it can produce (``keys=[...]``, or a callable from its options
+    to that list), so the core can tell two metrics that produce one key apart and check
+    ``checkpoint.best_metric``; optionally the key of a decision threshold it reports and that
+    threshold's kind (``threshold={"key": ..., "kind": "squared_l2" | "cosine"}``), and ``roc=True`` when
+    its numbers come from the ROC of cosine similarity (``facecore eval`` plots that ROC).
+    """
 
 
 @hookspec
