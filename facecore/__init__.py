@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .errors import CheckpointError, ConfigError, DataError, FacecoreError, PluginError, TrainingError
+from .errors import CheckpointError, ConfigError, DataError, FacecoreError, PluginError, TrainingError, TrainingStopped
 from .core.hookspecs import hookimpl
 
 __version__ = "0.1.0"
@@ -71,6 +71,7 @@ __all__ = [
     "PluginError",
     "Predictor",
     "TrainingError",
+    "TrainingStopped",
     "__version__",
     "align",
     "available",

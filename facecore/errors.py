@@ -7,6 +7,7 @@ class FacecoreError(Exception):
     """Base of every error that is the user's to fix (bad input, config, files)."""
 
     exit_code = 1
+    label = "Error"  # the CLI prints "<label>: <message>"
 
 
 class ConfigError(FacecoreError):
@@ -36,3 +37,10 @@ class CheckpointError(FacecoreError):
 
 class TrainingError(FacecoreError):
     """Training cannot go on (non-finite loss, no device, ...)."""
+
+
+class TrainingStopped(FacecoreError):
+    """Training stopped on a signal (preemption) after writing last.pth; ``--resume`` continues it exactly."""
+
+    exit_code = 75  # EX_TEMPFAIL: try again later
+    label = "Stopped"

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from typing import Any, Callable
 
 import click
 
-from ..errors import FacecoreError
+from ..errors import FacecoreError, TrainingStopped
 
 
 def user_errors(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -19,7 +20,8 @@ def user_errors(func: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return func(*args, **kwargs)
         except FacecoreError as exc:
-            click.echo(f"Error: {exc}", err=True)
+            if not (isinstance(exc, TrainingStopped) and os.environ.get("RANK", "0") != "0"):  # one rank says it
+                click.echo(f"{exc.label}: {exc}", err=True)
             sys.exit(exc.exit_code)
         except KeyboardInterrupt:
             click.echo("Interrupted.", err=True)

@@ -26,13 +26,14 @@ from ..core.build import (build_backbone, build_head, build_metrics, build_pair_
                           pair_set_names, pair_set_paths)
 from ..core.runtime import DistInfo, capture_rng, device_for, init_distributed, restore_rng, seed_everything
 from ..data.images import model_input
-from ..errors import DataError, FacecoreError, TrainingError
+from ..errors import DataError, FacecoreError, TrainingError, TrainingStopped
 from .augment import Augmenter
 from .checkpointing import TrainingCheckpoint, TrainState
 from .classifier import check_labels
 from .loss_window import LossWindow
 from .runs import RunWriter, new_run_dir, newest_checkpoint, setup_logging
 from .step import LossFn, TrainStep
+from .stopping import StopAgreement, StopRequest, ignore_stop_signals
 
 class ResumableSampler(Sampler[int]):
     """A DistributedSampler whose epoch can start part-way, skipping batches already trained on."""
@@ -117,6 +118,8 @@ class Trainer:
         self.frozen: bool | None = None  # the backbone's phase (training.freeze_backbone_epochs)
         self.writer: RunWriter | None = None
         self.loader: DataLoader | None = None
+        self.stop_request = StopRequest()
+        self.stopped = False  # the current epoch ended on a stop signal
 
     # ----------------------------------------------------------------- assembly
     def _build(self, resume_path: Path | None = None) -> None:
@@ -162,6 +165,7 @@ class Trainer:
             pin_memory=cfg["data"]["pin_memory"] and self.device.type == "cuda",
             persistent_workers=workers > 0,
             generator=torch.Generator().manual_seed(cfg["seed"]),  # keeps the global RNG untouched
+            worker_init_fn=ignore_stop_signals if workers > 0 else None,  # they serve the step a signal lets finish
         )
 
     def _build_model(self, resuming: bool) -> None:
@@ -403,6 +407,8 @@ class Trainer:
     def run(self) -> dict:
         resume_path = self._resume_path()
         self._build(resume_path)
+        self.stop_request.install()  # from here a stop signal finishes the step and writes last.pth
+        self.stopping = StopAgreement(self.stop_request, self.info, self.config["training"]["preempt_every"])
         self._prepare_run_dir(resume_path)
         if self.pretrained_report is not None:
             for line in self.pretrained_report.lines():
@@ -425,10 +431,18 @@ class Trainer:
         initial = self.validate() if cfg["eval"]["at_start"] and s.step == 0 else {}
         stop = False
         while s.epoch < t["epochs"] and s.step < max_steps and not stop:
-            skipped_before = s.skipped_images
+            self.epoch_skipped = 0
             self._enter_phase()
-            stop = self._train_epoch(max_steps, batch * world, show_bar)
-            self._report_skipped(s.skipped_images - skipped_before)
+            try:
+                stop = self._train_epoch(max_steps, batch * world, show_bar)
+            except RuntimeError as exc:
+                if "DataLoader worker" not in str(exc):
+                    raise
+                raise self._worker_died(exc) from None
+            self._report_skipped(self.epoch_skipped)
+            if self.stopped:  # a stop signal: every rank ends after the same step, mid-epoch
+                self._save("last.pth")
+                raise self._stopped_error()
             if not stop:
                 s.epoch, s.batch_in_epoch = s.epoch + 1, 0
             stop = stop or s.epoch >= t["epochs"] or s.step >= max_steps
@@ -437,6 +451,8 @@ class Trainer:
             self._save("last.pth")
             if improved:
                 self._save("best.pth")
+            if not stop and self.stopping.agreed():  # a signal during validation or the save: stop at the epoch's end
+                raise self._stopped_error()
         best = cfg["checkpoint"]["best_metric"]
         summary = {"run_dir": str(self.run_dir), "rank": self.info.rank, "step": s.step, "epoch": s.epoch,
                    "best_metric": {**best, "value": s.best}, "val_metrics": s.val_metrics,
@@ -457,6 +473,7 @@ class Trainer:
         instead of waiting. NCCL's teardown of a group whose peers are inside a collective can block,
         so after a failure there the process exits without it.
         """
+        self.stop_request.uninstall()
         self.loader = None  # the last reference: its persistent workers shut down now
         if self.writer is not None:
             self.writer.close()
@@ -469,15 +486,30 @@ class Trainer:
             return
         dist.destroy_process_group()
 
-    def _report_skipped(self, count: int) -> None:
-        """Log the undecodable images skipped in the epoch just trained (all ranks together)."""
+    def _stopped_error(self) -> TrainingStopped:
+        s = self.state
+        where = (f"after step {s.step} (epoch {s.epoch + 1}, batch {s.batch_in_epoch} of {self.steps_per_epoch_batches})"
+                 if s.batch_in_epoch else f"after step {s.step} (the end of epoch {s.epoch})")
+        self.logger.warning("stopped by %s %s; last.pth written", self.stop_request.name, where)
+        return TrainingStopped(
+            f"{self.stop_request.name} received: stopped {where} and wrote {self.run_dir / 'last.pth'}. Continue exactly "
+            f"where it stopped with the same command plus --resume (or --resume {self.run_dir / 'last.pth'})"
+        )
+
+    def _report_skipped(self, count: int) -> None:  # count: this rank's skips in the epoch just trained
+        """Log and record the undecodable images skipped in the epoch just trained (all ranks together)."""
         if self.info.enabled:
             total = torch.tensor([count], device=self.device)
             dist.all_reduce(total)
             count = int(total.item())
+        self.state.skipped_images += count  # all ranks together, the same on every rank
         if count:
             self.logger.warning("epoch %d: %d undecodable image(s) were skipped (data.on_bad_image: skip)",
                                 self.state.epoch + 1, count)
+        if self.writer:
+            self.writer.record("data", self.state.step, self.state.epoch,
+                               {"skipped_images": count, "skipped_images_total": self.state.skipped_images},
+                               tb_prefix="data")
 
     def _clip_gradients(self) -> None:
         """Clip the global gradient norm; with sharded centers the norm covers every rank's shard."""
@@ -495,6 +527,28 @@ class Trainer:
         for g in grads + shard:
             g.mul_(scale.to(g.dtype))
 
+    def _loader_batches(self) -> Iterator[Any]:
+        """The DataLoader's batches; a FacecoreError raised in a worker keeps its own message."""
+        iterator = iter(self.loader)
+        while True:
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                return
+            except (DataError, TrainingError) as exc:  # from a worker, re-raised with the worker's traceback in it
+                raise type(exc)(worker_message(exc)) from None
+            yield batch
+
+    def _worker_died(self, exc: RuntimeError) -> TrainingError:
+        """A DataLoader worker's death (noticed in the loader or by its SIGCHLD handler anywhere in the step)."""
+        last = self.run_dir / "last.pth"
+        where = str(last) if last.exists() else f"none yet (run directory {self.run_dir})"
+        return TrainingError(
+            f"{str(exc).strip().splitlines()[0]}. A worker killed by the operating system most likely ran out of "
+            f"memory (see dmesg): lower data.num_workers or data.batch_size. The last checkpoint is {where}; "
+            "continue with --resume"
+        )
+
     def _batches(self) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
         """``(index in epoch, images, labels)`` of the rest of the epoch, on the device, normalized and augmented.
 
@@ -503,7 +557,7 @@ class Trainer:
         and dropped after augmentation, so every other image keeps its random numbers.
         """
         s, seed = self.state, self.config["seed"]
-        for i, (images, labels) in enumerate(self.loader, start=s.batch_in_epoch):
+        for i, (images, labels) in enumerate(self._loader_batches(), start=s.batch_in_epoch):
             labels = torch.as_tensor(labels)
             keep = labels >= 0
             skipped = int((~keep).sum())  # counted on the CPU: no device sync on the hot path
@@ -513,7 +567,7 @@ class Trainer:
             images = model_input(images, self.images_from)  # uint8 -> float32 in [-1, 1], on the device
             images = self.augment(images, seed, s.epoch, i, self.info, inplace=True)
             if skipped:
-                s.skipped_images += skipped
+                self.epoch_skipped += skipped
                 keep = keep.to(self.device, non_blocking=True)
                 images, labels = images[keep], labels[keep]
             if self.device.type == "cuda":
@@ -558,10 +612,13 @@ class Trainer:
                 self._train_mode()
             if s.step >= max_steps:
                 break
+            if self.stopping.due(s.step):
+                self.stopped = True
+                break
         if self.window.losses:  # batches after the last read (max_steps, or an epoch's last partial accumulation)
             self._close_window(bar, show_bar)
         bar.close()
-        return s.batch_in_epoch < self.steps_per_epoch_batches
+        return self.stopped or s.batch_in_epoch < self.steps_per_epoch_batches
 
     def _close_window(self, bar: Any, show_bar: bool) -> None:
         """Read the loss window (the loop's one wait for the device), stop on a non-finite loss, log it."""
@@ -600,6 +657,16 @@ class Trainer:
         )
 
 
+def worker_message(exc: BaseException) -> str:
+    """The message of an error raised in a DataLoader worker, without the traceback text the loader adds."""
+    text = str(exc)
+    if "Original Traceback" not in text:
+        return text
+    last = text.strip().splitlines()[-1]
+    name = type(exc).__name__
+    return last[len(name) + 2:] if last.startswith(f"{name}: ") else last
+
+
 def _naming_compile_failures(loss_fn: LossFn) -> LossFn:
     """Wrap a compiled forward: a compiler failure (first call) becomes a TrainingError naming training.compile."""
 
@@ -626,5 +693,8 @@ def train(config: dict, resume: str | bool | None = None, verbose: bool = True) 
         summary = trainer.run()
         finished = True
         return summary
+    except TrainingStopped:
+        finished = True  # every rank stopped after the same step: a clean teardown
+        raise
     finally:
         trainer.close(finished)
