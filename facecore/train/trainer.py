@@ -31,7 +31,7 @@ from .augment import Augmenter
 from .checkpointing import TrainingCheckpoint, TrainState
 from .classifier import check_labels
 from .loss_window import LossWindow
-from .runs import RunWriter, new_run_dir, newest_checkpoint, setup_logging
+from .runs import RunWriter, check_writable, new_run_dir, newest_checkpoint, setup_logging
 from .step import LossFn, TrainStep
 
 class ResumableSampler(Sampler[int]):
@@ -379,6 +379,8 @@ class Trainer:
 
     # ----------------------------------------------------------------- the loop
     def run(self) -> dict:
+        folders = {"checkpoint.save_dir": self.config["checkpoint"]["save_dir"], "logging.log_dir": self.config["logging"]["log_dir"]}
+        decided_on_main(self.info, lambda: [check_writable(path, key) for key, path in folders.items()])  # before any build
         resume_path = self._resume_path()
         self._build(resume_path)
         self._prepare_run_dir(resume_path)
