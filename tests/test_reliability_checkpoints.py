@@ -417,9 +417,13 @@ def test_a_log_dir_under_a_regular_file_is_one_cli_message_before_training(tiny_
     assert no_step_ran(tmp_path)
 
 
-def test_check_writable_creates_the_folder_and_leaves_nothing_in_it(tmp_path: Path) -> None:
-    check_writable(tmp_path / "new" / "folder", "checkpoint.save_dir")
-    assert list((tmp_path / "new" / "folder").iterdir()) == []
+def test_check_writable_leaves_nothing_behind_and_refuses_a_file(tmp_path: Path) -> None:
+    check_writable(tmp_path / "new" / "folder", "checkpoint.save_dir")  # not there yet: the run makes it
+    check_writable(tmp_path, "logging.log_dir")
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(FacecoreError, match=r"^logging.log_dir: cannot write to .*a-file \(.*a-file is a file, not a folder\)"):
+        check_writable(tmp_path / "a-file", "logging.log_dir")
 
 
 def test_a_missing_data_root_is_one_cli_message_naming_it(tiny_data: Path, tmp_path: Path) -> None:

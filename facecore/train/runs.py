@@ -82,20 +82,25 @@ def newest_checkpoint(save_dir: str | Path, logger: logging.Logger | None = None
 
 
 def check_writable(path: str | Path, key: str) -> None:
-    """Create the folder ``path`` if needed and write (and delete) a file in it; a FacecoreError naming
-    the config ``key`` and the path otherwise. Run before training, so a bad folder stops nothing
-    that already ran for hours."""
+    """Raise a FacecoreError naming the config ``key`` and ``path`` unless the run can write there.
+
+    A file is created (and deleted) in ``path``, or in its nearest existing parent when it does not
+    exist yet (the run creates the rest), so the check leaves nothing behind. Run before anything
+    is built, so a bad folder stops nothing that already ran.
+    """
     path = Path(path)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".facecore-write-check.", dir=path)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as exc:
-        blocker = next((p for p in [path, *path.parents] if p.exists() and not p.is_dir()), None)
-        why = f"{blocker} is a file, not a folder" if blocker is not None else (exc.strerror or str(exc))
+    existing = next((p for p in [path, *path.parents] if p.exists()), Path("."))
+    why = f"{existing} is a file, not a folder" if not existing.is_dir() else None
+    if why is None:
+        try:
+            fd, probe = tempfile.mkstemp(prefix=".facecore-write-check.", dir=existing)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as exc:
+            why = f"{existing}: {exc.strerror or exc}"
+    if why is not None:
         raise FacecoreError(f"{key}: cannot write to {path} ({why}); set {key} to a folder you can write to "
-                            f"(in the config or with --set {key}=PATH)") from None
+                            f"(in the config or with --set {key}=PATH)")
 
 
 def setup_logging(log_files: list[Path], verbose: bool = True) -> logging.Logger:
