@@ -155,7 +155,7 @@ def test_checkpoint_save_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", broken_save)
-    with pytest.raises(OSError):
+    with pytest.raises(CheckpointError, match="OSError: disk full"):
         save_checkpoint({"step": 2, "w": torch.zeros(3)}, path)
     monkeypatch.undo()
     assert load_checkpoint(path)["step"] == 1

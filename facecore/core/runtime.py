@@ -5,9 +5,9 @@ from __future__ import annotations
 import os
 import random
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
-from ..errors import TrainingError
+from ..errors import FacecoreError, TrainingError
 
 
 def resolve_device(name: str) -> Any:
@@ -119,6 +119,30 @@ class DistInfo:
     @property
     def enabled(self) -> bool:
         return self.world_size > 1
+
+
+def decided_on_main(info: DistInfo, decide: Callable[[], Any]) -> Any:
+    """``decide()`` on rank 0, its result (or its FacecoreError) shared with every rank.
+
+    For what only one process may decide or do (the newest checkpoint on a shared disk, the run
+    directory, writing a checkpoint): every rank then goes on with the same value, or raises the
+    same error, so no rank waits alone in a collective the others never reach.
+    """
+    if not info.enabled:
+        return decide()
+    import torch.distributed as dist
+
+    box: list[Any] = [None]
+    if info.is_main:
+        try:
+            box[0] = ("ok", decide())
+        except FacecoreError as exc:
+            box[0] = ("error", exc)
+    dist.broadcast_object_list(box, src=0)
+    kind, value = box[0]
+    if kind == "error":
+        raise value
+    return value
 
 
 def init_distributed(device_name: str) -> DistInfo:

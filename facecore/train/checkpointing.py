@@ -17,9 +17,9 @@ import torch
 from torch import nn
 
 from .. import __version__
-from ..core.checkpoint import load_checkpoint, save_checkpoint
+from ..core.checkpoint import load_checkpoint, save_checkpoint, save_numbered
 from ..core.pretrained import load_backbone
-from ..core.runtime import DistInfo, capture_rng_all_ranks, reseed_for_rank, restore_rng
+from ..core.runtime import DistInfo, capture_rng_all_ranks, decided_on_main, reseed_for_rank, restore_rng
 from ..errors import CheckpointError
 
 
@@ -114,10 +114,22 @@ class TrainingCheckpoint:
         }
 
     def save(self, state: TrainState, path: Path) -> None:
-        """Gather on every rank, write atomically on rank 0."""
+        """Gather on every rank, write atomically on rank 0; every rank returns, or raises the same CheckpointError.
+
+        With ``checkpoint.keep`` above 1, ``last.pth`` is written as ``ckpt-step<step>.pth`` and
+        ``last.pth`` becomes the same file; the newest ``keep`` numbered files stay.
+        """
         ckpt = self.gather(state)
-        if ckpt is not None:
-            save_checkpoint(ckpt, path)
+        keep = self.config["checkpoint"]["keep"]
+
+        def write() -> None:  # rank 0 only; its outcome reaches every rank
+            if keep > 1 and Path(path).name == "last.pth":
+                for old, why in save_numbered(ckpt, path, state.step, keep):
+                    self.logger.warning("could not delete the old checkpoint %s (%s); delete it yourself", old, why)
+            else:
+                save_checkpoint(ckpt, path)
+
+        decided_on_main(self.info, write)
 
     # -- resume -------------------------------------------------------------------------------------
     def restore(self, path: Path, state: TrainState) -> None:

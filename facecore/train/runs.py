@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+from ..core.checkpoint import NUMBERED_GLOB, check_training_checkpoint, numbered_checkpoints
 from ..core.config import dump_config
 from ..core.tensorboard import TensorBoard
-from ..errors import CheckpointError
+from ..errors import CheckpointError, FacecoreError
 
 LOGGER_NAME = "facecore"
 
@@ -27,15 +30,77 @@ def new_run_dir(save_dir: str | Path, backbone: str) -> Path:
     return path
 
 
-def newest_checkpoint(save_dir: str | Path) -> Path:
-    """``last.pth`` of the most recently written run under ``save_dir`` (any backbone)."""
-    candidates = sorted(Path(save_dir).glob("*/*/last.pth"), key=lambda p: p.stat().st_mtime)
-    if not candidates:
+def newest_checkpoint(save_dir: str | Path, logger: logging.Logger | None = None) -> Path:
+    """The checkpoint to continue the most recently written run under ``save_dir`` (any backbone) from.
+
+    That run is the one whose ``last.pth`` or numbered checkpoint (``checkpoint.keep``) was written
+    last. Its ``last.pth`` is used when intact (every record's checksum, then a load); a damaged or
+    missing one is named in a warning on ``logger`` (facecore's by default) with the reason, and the
+    newest intact numbered checkpoint, then ``best.pth``, is used instead. Nothing intact is a
+    CheckpointError listing every file tried and why.
+    """
+    logger = logger or logging.getLogger(LOGGER_NAME)
+    written: dict[Path, int] = {}
+    for pattern in ("*/*/last.pth", f"*/*/{NUMBERED_GLOB}"):
+        for path in Path(save_dir).glob(pattern):
+            try:
+                written[path.parent] = max(written.get(path.parent, 0), path.stat().st_mtime_ns)
+            except OSError:  # deleted meanwhile
+                continue
+    if not written:
         raise CheckpointError(
             f"--resume found no run to continue: no */*/last.pth under checkpoint.save_dir ({save_dir}); "
             "pass --resume PATH or start without --resume"
         )
-    return candidates[-1]
+    run = max(written, key=lambda r: written[r])
+    skipped: list[str] = []
+    seen: dict[tuple[int, int], Path] = {}
+    for path in [run / "last.pth", *numbered_checkpoints(run), run / "best.pth"]:
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            if path.name == "last.pth":
+                skipped.append(f"{path}: not found")
+            continue
+        if (st.st_dev, st.st_ino) in seen:
+            skipped.append(f"{path}: the same file as {seen[st.st_dev, st.st_ino].name} (a hard link)")
+            continue
+        seen[st.st_dev, st.st_ino] = path
+        try:
+            check_training_checkpoint(path)
+        except CheckpointError as exc:
+            skipped.append(str(exc))
+            continue
+        for reason in skipped:
+            logger.warning("--resume skips %s", reason)
+        if skipped:
+            logger.warning("--resume continues from %s, the newest intact checkpoint of %s", path.name, run)
+        return path
+    tried = "\n".join(f"  - {reason}" for reason in skipped)
+    raise CheckpointError(f"--resume found no intact checkpoint in {run}; tried:\n{tried}\n"
+                          "Pass --resume PATH with a good checkpoint, or start without --resume")
+
+
+def check_writable(path: str | Path, key: str) -> None:
+    """Raise a FacecoreError naming the config ``key`` and ``path`` unless the run can write there.
+
+    A file is created (and deleted) in ``path``, or in its nearest existing parent when it does not
+    exist yet (the run creates the rest), so the check leaves nothing behind. Run before anything
+    is built, so a bad folder stops nothing that already ran.
+    """
+    path = Path(path)
+    existing = next((p for p in [path, *path.parents] if p.exists()), Path("."))
+    why = f"{existing} is a file, not a folder" if not existing.is_dir() else None
+    if why is None:
+        try:
+            fd, probe = tempfile.mkstemp(prefix=".facecore-write-check.", dir=existing)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as exc:
+            why = f"{existing}: {exc.strerror or exc}"
+    if why is not None:
+        raise FacecoreError(f"{key}: cannot write to {path} ({why}); set {key} to a folder you can write to "
+                            f"(in the config or with --set {key}=PATH)")
 
 
 def setup_logging(log_files: list[Path], verbose: bool = True) -> logging.Logger:

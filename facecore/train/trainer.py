@@ -14,7 +14,7 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
@@ -24,14 +24,14 @@ from torch.utils.data.distributed import DistributedSampler
 
 from ..core.build import (build_backbone, build_head, build_metrics, build_pair_set, build_scheduler, build_train_dataset,
                           pair_set_names, pair_set_paths)
-from ..core.runtime import DistInfo, capture_rng, device_for, init_distributed, restore_rng, seed_everything
+from ..core.runtime import capture_rng, decided_on_main, device_for, init_distributed, restore_rng, seed_everything
 from ..data.images import model_input
 from ..errors import DataError, FacecoreError, TrainingError, TrainingStopped
 from .augment import Augmenter
 from .checkpointing import TrainingCheckpoint, TrainState
 from .classifier import check_labels
 from .loss_window import LossWindow
-from .runs import RunWriter, new_run_dir, newest_checkpoint, setup_logging
+from .runs import RunWriter, check_writable, new_run_dir, newest_checkpoint, setup_logging
 from .step import LossFn, TrainStep
 from .stopping import StopAgreement, StopRequest, ignore_stop_signals
 
@@ -78,28 +78,6 @@ def classify(classifier: nn.Module, embeddings: torch.Tensor, labels: torch.Tens
     """The margin classifier's loss terms in float32, whatever autocast the backbone ran under."""
     with torch.autocast(embeddings.device.type, enabled=False):
         return classifier.loss_terms(embeddings.float(), labels)
-
-
-def decided_on_main(info: DistInfo, decide: Callable[[], Any]) -> Any:
-    """``decide()`` on rank 0, its result (or its FacecoreError) shared with every rank.
-
-    For what only one process may decide (the newest checkpoint on a shared disk, the run
-    directory): every rank then goes on with the same value, or raises the same error, so no rank
-    waits alone in a collective the others never reach.
-    """
-    if not info.enabled:
-        return decide()
-    box: list[Any] = [None]
-    if info.is_main:
-        try:
-            box[0] = ("ok", decide())
-        except FacecoreError as exc:
-            box[0] = ("error", exc)
-    dist.broadcast_object_list(box, src=0)
-    kind, value = box[0]
-    if kind == "error":
-        raise value
-    return value
 
 
 class Trainer:
@@ -405,6 +383,8 @@ class Trainer:
 
     # ----------------------------------------------------------------- the loop
     def run(self) -> dict:
+        folders = {"checkpoint.save_dir": self.config["checkpoint"]["save_dir"], "logging.log_dir": self.config["logging"]["log_dir"]}
+        decided_on_main(self.info, lambda: [check_writable(path, key) for key, path in folders.items()])  # before any build
         resume_path = self._resume_path()
         self._build(resume_path)
         self.stop_request.install()  # from here a stop signal finishes the step and writes last.pth
