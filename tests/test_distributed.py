@@ -102,8 +102,8 @@ def run(tmp: Path, data: Path, env: dict, processes: int, shard: bool, *extra: s
     return load_checkpoint(last)
 
 
-def kill_tree(pid: int) -> None:
-    """SIGKILL ``pid`` and every process below it (torchrun's workers run in its process group or their own)."""
+def kill_tree(pid: int, signum: int = signal.SIGKILL) -> None:
+    """Send ``signum`` to ``pid`` and every process below it (torchrun's workers run in its process group or their own)."""
     children: dict[int, list[int]] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
@@ -117,7 +117,7 @@ def kill_tree(pid: int) -> None:
         todo.extend(children.get(found[-1], []))
     for p in found:
         try:
-            os.kill(p, signal.SIGKILL)
+            os.kill(p, signum)
         except ProcessLookupError:
             pass
 

@@ -348,6 +348,7 @@ def test_resume_from_a_damaged_last_pth_takes_the_newest_intact_checkpoint_and_s
     assert f"WARNING --resume skips {run / 'last.pth'}" in err
     assert f"WARNING --resume skips {run / 'ckpt-step00000012.pth'}: the same file as last.pth" in err
     assert f"resumed from {run / 'ckpt-step00000010.pth'} at epoch 1, batch 4, step 10" in err
+    assert f"--resume skips {run / 'last.pth'}" in (run / "train.log").read_text()  # kept in the run's own log too
     assert summary["run_dir"] == str(run) and summary["step"] == 12  # steps 11 and 12 trained again
     assert load_checkpoint(run / "last.pth")["step"] == 12
 

@@ -26,7 +26,7 @@ from ..core.build import (build_backbone, build_head, build_metrics, build_pair_
                           pair_set_names, pair_set_paths)
 from ..core.runtime import capture_rng, decided_on_main, device_for, init_distributed, restore_rng, seed_everything
 from ..data.images import model_input
-from ..errors import DataError, FacecoreError, TrainingError, TrainingStopped
+from ..errors import DataError, TrainingError, TrainingStopped
 from .augment import Augmenter
 from .checkpointing import TrainingCheckpoint, TrainState
 from .classifier import check_labels
@@ -97,6 +97,7 @@ class Trainer:
         self.writer: RunWriter | None = None
         self.loader: DataLoader | None = None
         self.stop_request = StopRequest()
+        self.resume_notes = DeferredLog()  # what --resume skipped and why, logged once the run's log files exist
         self.stopped = False  # the current epoch ended on a stop signal
 
     # ----------------------------------------------------------------- assembly
@@ -307,7 +308,8 @@ class Trainer:
         if self.resume is None:
             return None
         if self.resume is True or self.resume == "auto":
-            return decided_on_main(self.info, lambda: newest_checkpoint(self.config["checkpoint"]["save_dir"]))
+            return decided_on_main(self.info, lambda: newest_checkpoint(self.config["checkpoint"]["save_dir"],
+                                                                        self.resume_notes))
         return Path(self.resume)
 
     def _prepare_run_dir(self, resume_path: Path | None) -> None:
@@ -390,6 +392,8 @@ class Trainer:
         self.stop_request.install()  # from here a stop signal finishes the step and writes last.pth
         self.stopping = StopAgreement(self.stop_request, self.info, self.config["training"]["preempt_every"])
         self._prepare_run_dir(resume_path)
+        for line in self.resume_notes.lines:
+            self.logger.warning("%s", line)
         if self.pretrained_report is not None:
             for line in self.pretrained_report.lines():
                 self.logger.info("%s", line)
@@ -454,7 +458,12 @@ class Trainer:
         so after a failure there the process exits without it.
         """
         self.stop_request.uninstall()
-        self.loader = None  # the last reference: its persistent workers shut down now
+        # Persistent workers live in the loader's iterator, which an exception's traceback may still
+        # reference (a DataError raised in a worker): shut them down here rather than whenever it is freed.
+        shutdown = getattr(getattr(self.loader, "_iterator", None), "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+        self.loader = None
         if self.writer is not None:
             self.writer.close()
             self.writer = None
@@ -635,6 +644,16 @@ class Trainer:
             f"checkpoint in {self.run_dir} is intact. Lower training.lr, check training.grad_clip_norm, or turn off "
             "training.amp"
         )
+
+
+class DeferredLog:
+    """Collects ``warning(msg, *args)`` lines to log later (before the run's log files exist)."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def warning(self, msg: str, *args: Any) -> None:
+        self.lines.append(msg % args if args else msg)
 
 
 def worker_message(exc: BaseException) -> str:
