@@ -21,7 +21,8 @@ pytestmark = pytest.mark.slow
 
 # BatchNorm statistics are per rank (as in arcface_torch), so the equivalence is checked on a
 # backbone without it: everything else -- sampler, augmentations, DDP averaging, the sharded
-# classifier's gathers and distributed softmax -- is the real code path.
+# classifier's gathers and distributed softmax -- is the real code path. The head uses every seam a
+# head has (HeadBatch randomness and global means, state, its own parameter and loss term).
 PROBE = """
 import torch
 from torch import nn
@@ -39,9 +40,40 @@ class Probe(nn.Module):
         return self.fc(torch.relu(self.conv(self.pool(x))).flatten(1))
 
 
+class ProbeHead(nn.Module):
+    # CosFace plus every seam a head may use: a random margin per row, running state from a global-batch
+    # mean, a parameter of its own, a loss term of its own, the class count at build time.
+
+    uses_batch = True
+
+    def __init__(self):
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(1))
+        self.register_buffer("t", torch.zeros(1))
+
+    def configure(self, num_classes, sample_rate):
+        self.register_buffer("classes", torch.tensor([float(num_classes)]))
+
+    def forward(self, cosine, labels, norms, batch):
+        if self.training:
+            with torch.no_grad():
+                self.t.mul_(0.9).add_(0.1 * batch.global_mean(batch.target_cosine))
+        target = torch.zeros_like(cosine).scatter_(1, labels.clamp(min=0).unsqueeze(1), (labels >= 0).unsqueeze(1).float())
+        margin = 0.2 + 0.05 * batch.normal(1)
+        return 16.0 * (cosine - target * (margin - self.bias) + 0.1 * self.t)
+
+    def extra_terms(self, norms):
+        return {"norm": 0.01 * norms.mean()}
+
+
 @hookimpl
 def register_backbones(register):
     register("probe", Probe, description="BN-free test backbone")
+
+
+@hookimpl
+def register_heads(register):
+    register("probe-head", ProbeHead, description="test head using every head seam")
 """
 
 
@@ -69,7 +101,7 @@ def write_config(tmp: Path, data: Path, processes: int, shard: bool, augment: li
         "seed": 3,
         "device": "cpu",
         "model": {"backbone": "probe", "embedding_size": 16},
-        "head": {"type": "cosface", "scale": 16.0, "margin": 0.2, "shard": shard, "sample_rate": sample_rate},
+        "head": {"type": "probe-head", "shard": shard, "sample_rate": sample_rate},
         "data": {"root": str(data), "batch_size": 16 // processes, "num_workers": 0, "augment": augment or ["flip"]},
         "training": {"epochs": 2, "lr": 0.1, "scheduler": "cosine", "warmup_epochs": 0.5, **training},
         "checkpoint": {"save_dir": str(tmp / "runs"), "save_every_steps": save_every_steps},
@@ -137,6 +169,8 @@ def test_two_processes_match_one_with_the_same_global_batch(setup, tmp_path: Pat
     assert one["step"] == two["step"] == 2 * STEPS_PER_EPOCH
     assert two["world_size"] == 2
     assert_close(one, two)
+    assert one["classifier"]["head.bias"].abs().item() > 0 and one["classifier"]["head.t"].abs().item() > 0
+    assert one["classifier"]["head.classes"].item() == 7  # told at build time, also when sharded
     # validation ran every epoch on rank 0; every rank took the best.pth decision from its broadcast result
     (best_one,) = (tmp_path / "one" / "runs").rglob("best.pth")
     (best_two,) = (tmp_path / "two" / "runs").rglob("best.pth")

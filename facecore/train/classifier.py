@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import CheckpointError, ConfigError, DataError
+from .head_batch import HeadBatch
 
 INIT_STD = 0.01
 INIT_BLOCK = 4096  # the initial centers are drawn in independently seeded blocks of this many rows
@@ -92,6 +93,10 @@ class _CenterClassifier(nn.Module):
         self.class_start, self.num_local = class_start, num_local
         self.weight = nn.Parameter(init_centers(class_start, num_local, embedding_size, seed))
         self.head = head
+        configure = getattr(head, "configure", None)
+        if callable(configure):  # e.g. an initial bias that depends on the class count
+            configure(num_classes=num_classes, sample_rate=self.sample_rate)
+        self.draw_key: tuple[int, int, int] | None = None  # (seed, epoch, batch), set by the trainer per micro-batch
         # reading label values is a host sync on a GPU; the trainer turns this off and checks them on the host
         self.checks_labels = True
 
@@ -147,14 +152,44 @@ class _CenterClassifier(nn.Module):
         targets = torch.searchsorted(index, local.clamp(min=0))
         return index, torch.where(local >= 0, targets, torch.full_like(targets, -1))
 
-    def logits(self, embeddings: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Margin logits (N, used centers) in float32 and the target column of each row (-1: not here)."""
+    def logits(self, embeddings: torch.Tensor, labels: torch.Tensor,
+               rows: tuple[torch.Tensor, int, Any] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Margin logits (N, used centers) in float32 and the target column of each row (-1: not here).
+
+        ``rows``: (positions in the global batch, global row count, sum over the ranks holding other
+        rows), for a head that uses a :class:`HeadBatch`; default: these rows are the whole batch.
+        """
         index, targets = self.sample_centers(labels)
         weight = self.weight if index is None else self.weight[index]
         cosine = F.linear(F.normalize(embeddings.to(weight.dtype), dim=1), F.normalize(weight, dim=1))
         cosine = cosine.float().clamp(-1.0, 1.0)
         norms = torch.linalg.vector_norm(embeddings.float(), dim=1, keepdim=True)
-        return self.head(cosine, targets, norms).float(), targets
+        if not getattr(self.head, "uses_batch", False):
+            return self.head(cosine, targets, norms).float(), targets
+        batch = self.head_batch(cosine, targets, rows)
+        return self.head(cosine, targets, norms, batch).float(), targets
+
+    def head_batch(self, cosine: torch.Tensor, targets: torch.Tensor,
+                   rows: tuple[torch.Tensor, int, Any] | None) -> HeadBatch:
+        """The :class:`HeadBatch` of these rows; the target cosines come from whichever rank holds the center."""
+        owned = (targets >= 0).unsqueeze(1)
+        with torch.no_grad():
+            target_cosine = cosine.gather(1, targets.clamp(min=0).unsqueeze(1)) * owned
+            target_cosine = self.sum_over_shards(target_cosine)
+        if rows is None:
+            n = cosine.shape[0]
+            rows = (torch.arange(n), n, lambda t: t)
+        positions, global_rows, reduce_sum = rows
+        return HeadBatch(target_cosine, positions, global_rows, self.draw_key, reduce_sum)
+
+    def sum_over_shards(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum over the ranks that hold the other centers (none here: all centers are local)."""
+        return tensor
+
+    def head_terms(self, norms: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Loss terms the head adds beside the margin loss (e.g. MagFace's regulariser), named by the head."""
+        extra = getattr(self.head, "extra_terms", None)
+        return dict(extra(norms)) if callable(extra) else {}
 
     # -- checkpoints that do not depend on the number of ranks ---------------------------------
     def full_rows(self, local: torch.Tensor, rank0_only: bool = False) -> torch.Tensor | None:
@@ -214,11 +249,27 @@ class MarginClassifier(_CenterClassifier):
 
     def __init__(self, embedding_size: int, num_classes: int, head: nn.Module, sample_rate: float = 1.0):
         super().__init__(embedding_size, num_classes, head, sample_rate, 0, num_classes, _draw_seed())
+        # (rank, world size) when DDP runs one replica per rank, each on its part of the global batch
+        self.replicas: tuple[int, int] = (0, 1)
+
+    def _rows(self, n: int) -> tuple[torch.Tensor, int, Any]:
+        rank, world = self.replicas
+        if world == 1:
+            return torch.arange(n), n, lambda t: t
+
+        def reduce_sum(t: torch.Tensor) -> torch.Tensor:
+            t = t.clone()
+            dist.all_reduce(t)
+            return t
+
+        return torch.arange(n) * world + rank, n * world, reduce_sum  # DistributedSampler's order
 
     def loss_terms(self, embeddings: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         self._check_inputs(embeddings, labels)
-        logits, targets = self.logits(embeddings, labels)
-        return {"margin": F.cross_entropy(logits, targets)}
+        rows = self._rows(embeddings.shape[0])
+        logits, targets = self.logits(embeddings, labels, rows)
+        norms = torch.linalg.vector_norm(embeddings.float(), dim=1, keepdim=True)
+        return {"margin": F.cross_entropy(logits, targets), **self.head_terms(norms)}
 
 
 class ShardedMarginClassifier(_CenterClassifier):
@@ -260,7 +311,8 @@ class ShardedMarginClassifier(_CenterClassifier):
         if self.world_size == 1:
             self._check_inputs(local_embeddings, local_labels)
             logits, targets = self.logits(local_embeddings, local_labels)
-            return {"margin": F.cross_entropy(logits, targets)}
+            norms = torch.linalg.vector_norm(local_embeddings.float(), dim=1, keepdim=True)
+            return {"margin": F.cross_entropy(logits, targets), **self.head_terms(norms)}
         self._check_shape(local_embeddings)  # the same model on every rank: all raise or none
         if local_labels.numel() != local_embeddings.shape[0]:
             raise DataError(f"rank {self.rank}: {local_labels.numel()} labels for {local_embeddings.shape[0]} embeddings")
@@ -269,8 +321,36 @@ class ShardedMarginClassifier(_CenterClassifier):
         embeddings = _GatherRows.apply(local_embeddings, sizes, self.group, scale)
         labels = _gather_padded(local_labels.reshape(-1).long().to(local_embeddings.device), sizes, self.group)
         self._check_inputs(embeddings, labels)  # the same global labels on every rank: all raise or none
-        logits, targets = self.logits(embeddings, labels)
-        return {"margin": _DistCrossEntropy.apply(logits, targets, self.group)}
+        # gathered rank-major; rank r's i-th row is global position i * world + r (DistributedSampler's order)
+        positions = torch.cat([torch.arange(n) * self.world_size + r for r, n in enumerate(sizes)])
+        rows = (positions, sum(sizes), lambda t: t)  # every rank holds the whole batch
+        logits, targets = self.logits(embeddings, labels, rows)
+        terms = {"margin": _DistCrossEntropy.apply(logits, targets, self.group)}
+        norms = torch.linalg.vector_norm(embeddings.float(), dim=1, keepdim=True)
+        for name, term in self.head_terms(norms).items():
+            # the same term on every rank of the same global rows: its gradient reaches the embeddings once per
+            # rank through the gather's all-reduce, so each rank passes on 1/world of it (the value stays whole)
+            share = term / self.world_size
+            terms[name] = share + (term - share).detach()
+        return terms
+
+    def sum_over_shards(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.world_size > 1:
+            tensor = tensor.contiguous()
+            dist.all_reduce(tensor, group=self.group)
+        return tensor
+
+    def sync_head_gradients(self) -> None:
+        """Sum the head's own parameters' gradients over the ranks (each saw only its shard's classes).
+
+        The classifier is not under DDP when sharded, so without this a head's bias or threshold would
+        step differently on every rank.
+        """
+        if self.world_size == 1:
+            return
+        for p in self.head.parameters():
+            if p.grad is not None:
+                dist.all_reduce(p.grad, group=self.group)
 
     def full_rows(self, local: torch.Tensor, rank0_only: bool = False) -> torch.Tensor | None:
         if self.world_size == 1:

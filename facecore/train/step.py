@@ -25,9 +25,9 @@ class TrainStep:
 
     def __init__(self, optimizer: torch.optim.Optimizer, scheduler: Any, scaler: torch.amp.GradScaler,
                  window: LossWindow, *, accumulate: int = 1, amp_dtype: torch.dtype | None = None,
-                 clip: Callable[[], None] | None = None):
+                 clip: Callable[[], None] | None = None, before_step: Callable[[], None] | None = None):
         self.optimizer, self.scheduler, self.scaler, self.window = optimizer, scheduler, scaler, window
-        self.accumulate, self.amp_dtype, self.clip = accumulate, amp_dtype, clip
+        self.accumulate, self.amp_dtype, self.clip, self.before_step = accumulate, amp_dtype, clip, before_step
         self.pending = 0  # micro-batches back-propagated since the last optimizer step
 
     def backward(self, forward: LossFn, images: torch.Tensor, labels: torch.Tensor, images_counted: int) -> None:
@@ -46,7 +46,9 @@ class TrainStep:
         return self.pending >= self.accumulate
 
     def optimizer_step(self) -> None:
-        """Unscale, clip, step the optimizer and the LR schedule, clear the gradients."""
+        """(Sync what DDP does not,) unscale, clip, step the optimizer and the LR schedule, clear the gradients."""
+        if self.before_step is not None:  # e.g. a sharded classifier's head parameters, summed over the ranks
+            self.before_step()
         if self.clip is not None:
             self.scaler.unscale_(self.optimizer)
             self.clip()

@@ -164,6 +164,7 @@ class Trainer:
             self.classifier = ShardedMarginClassifier(emb, num, head, sample_rate=rate, ddp_backbone=True).to(self.device)
         else:
             self.classifier = MarginClassifier(emb, num, head, sample_rate=rate).to(self.device)
+            self.classifier.replicas = (info.rank, info.world_size)  # a head's batch-wide quantities span every rank
         self.classifier.checks_labels = False  # the loop checks them on the host, where reading them is free
         if self.device.type == "cuda":
             self.backbone = self.backbone.to(memory_format=torch.channels_last)
@@ -503,8 +504,9 @@ class Trainer:
     def _clip_gradients(self) -> None:
         """Clip the global gradient norm; with sharded centers the norm covers every rank's shard."""
         max_norm = self.config["training"]["grad_clip_norm"]
-        grads = [p.grad for p in self.backbone.parameters() if p.grad is not None]
-        shard = [p.grad for p in self.classifier.parameters() if p.grad is not None]
+        # the backbone and the head's own parameters are the same on every rank; only the centers are split
+        grads = [p.grad for p in [*self.backbone.parameters(), *self.classifier.head.parameters()] if p.grad is not None]
+        shard = [self.classifier.weight.grad] if self.classifier.weight.grad is not None else []
         if not self.sharded:
             nn.utils.clip_grad_norm_([p for m in (self.backbone, self.classifier) for p in m.parameters() if p.grad is not None], max_norm)
             return
@@ -555,6 +557,7 @@ class Trainer:
             labels = labels.to(self.device, non_blocking=True)
             images = model_input(images, self.images_from)  # uint8 -> float32 in [-1, 1], on the device
             images = self.augment(images, seed, s.epoch, i, self.info, inplace=True)
+            self.classifier.draw_key = (seed, s.epoch, i)  # a head's random numbers, keyed like the augmentations'
             if skipped:
                 self.epoch_skipped += skipped
                 keep = keep.to(self.device, non_blocking=True)
@@ -579,7 +582,8 @@ class Trainer:
                    disable=not show_bar, leave=False, dynamic_ncols=True)
         self.window = LossWindow(self.device, s.step + 1, self.info.world_size)
         step = TrainStep(self.optimizer, self.scheduler, self.scaler, self.window, accumulate=self.accumulate,
-                         amp_dtype=self.amp_dtype, clip=self._clip_gradients if t["grad_clip_norm"] else None)
+                         amp_dtype=self.amp_dtype, clip=self._clip_gradients if t["grad_clip_norm"] else None,
+                         before_step=self.classifier.sync_head_gradients if self.sharded else None)
         self.optimizer.zero_grad(set_to_none=True)
         for i, images, labels in self._batches():
             step.backward(self.loss_fn, images, labels, global_batch)
