@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import former_flip, make_tiny_data, subprocess_env
+from helpers import copy_with_broken_image, former_flip, make_tiny_data, subprocess_env
 
 from facecore import CheckpointError, DataError, TrainingError, hookimpl
 from facecore.core.checkpoint import load_checkpoint, save_checkpoint
@@ -284,17 +284,7 @@ def test_checkpoint_with_pickled_code_is_refused_and_never_run(tmp_path: Path) -
 
 
 def test_undecodable_images_stop_the_run_or_are_skipped_and_counted(tiny_data: Path, tmp_path: Path) -> None:
-    import shutil
-
-    from facecore.data.recordio import read_index
-
-    data = tmp_path / "data"
-    shutil.copytree(tiny_data, data)
-    keys, offsets = read_index(data / "train.idx")
-    image_start = int(offsets[list(keys).index(1)]) + 8 + 24  # record header + IRHeader of key 1 (flag 0)
-    with (data / "train.rec").open("r+b") as fh:  # break the JPEG start-of-image marker
-        fh.seek(image_start)
-        fh.write(b"\0\0\0\0")
+    data = copy_with_broken_image(tiny_data, tmp_path / "data", key=1)
     with pytest.raises(DataError, match=r"train.rec: record key 1 at byte offset"):
         train(tiny_config(data, tmp_path / "stop", training={"epochs": 1}), verbose=False)
     cfg = raw_config(data, tmp_path / "skip", training={"epochs": 2})
