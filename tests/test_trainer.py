@@ -73,6 +73,23 @@ def test_same_seed_gives_identical_weights_and_another_seed_does_not(tiny_data: 
     assert any(not torch.equal(a[k], c[k]) for k in a if a[k].is_floating_point())
 
 
+def test_best_pth_follows_best_metric_and_a_run_without_pair_sets_says_it_writes_none(tiny_data: Path, tmp_path: Path) -> None:
+    cfg = tiny_config(tiny_data, tmp_path / "min", eval={"bin_file": "val.bin", "metrics": ["verification", "eer"]},
+                      checkpoint={"save_dir": str(tmp_path / "min" / "runs"), "best_metric": {"key": "eer", "mode": "min"}})
+    summary = train(cfg, verbose=False)
+    lines = [json.loads(x) for x in (Path(summary["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    eers = [x["eer"] for x in lines if x["event"] == "validation"]
+    best = load_checkpoint(Path(summary["run_dir"]) / "best.pth")
+    assert best["best_metric"] == {"key": "eer", "mode": "min", "value": min(eers)}
+    assert best["step"] == 6 * (1 + eers.index(min(eers)))  # the epoch whose eer was lowest
+
+    cfg = tiny_config(tiny_data, tmp_path / "none", eval={"bin_file": None})
+    summary = train(cfg, verbose=False)
+    log = (Path(summary["run_dir"]) / "train.log").read_text()
+    assert log.count("writes no best.pth") == 1 and not (Path(summary["run_dir"]) / "best.pth").exists()
+    assert (Path(summary["run_dir"]) / "last.pth").exists() and summary["best_metric"]["value"] is None
+
+
 def test_run_directory_holds_config_checkpoints_metrics_and_log(tiny_data: Path, tmp_path: Path) -> None:
     cfg = tiny_config(tiny_data, tmp_path, logging={"log_dir": str(tmp_path / "logs"), "tensorboard": True})
     summary = train(cfg, verbose=False)
