@@ -203,6 +203,7 @@ def test_two_process_run_killed_and_resumed_is_bit_exact_with_sampling_on_uneven
     16 and 11 of 15 sampled, more than a batch's positives): each rank's random state is saved and
     restored, so kill -9 of every process + --resume changes nothing."""
     _, env = setup
+    env = {**env, "FC_PROBE_SLEEP": "0.1"}  # room to land the kill mid-run on a busy machine; the numbers stay
     data = make_tiny_data(tmp_path / "data31", identities=31, per_identity=2)  # 62 images: 3 steps of 16
     options = dict(augment=AUGMENT, sample_rate=0.7, epochs=3)
     reference = run(tmp_path / "ref", data, env, 2, True, **options)

@@ -156,12 +156,17 @@ def test_corrupt_records_are_counted_in_metrics_and_stop_names_the_file_and_key(
     assert counts == [(1, 1), (1, 2)] and summary["skipped_images"] == 2  # once per epoch, in metrics.jsonl
 
     stop = configured(data, tmp_path / "stop", data={"on_bad_image": "stop", "num_workers": 1})
+    before = set(children_of_this_process())
     with pytest.raises(DataError) as failed:  # raised in a DataLoader worker, told without its traceback
         train(stop, verbose=False)
     message = str(failed.value)
     assert "train.rec: record key 1 at byte offset" in message and "Traceback" not in message
-    children = Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children").read_text().split()
-    assert children == []  # the data worker is shut down although the error's traceback still holds its loader
+    # the data worker is shut down although the error's traceback still holds its loader
+    assert set(children_of_this_process()) <= before
+
+
+def children_of_this_process() -> list[str]:
+    return Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children").read_text().split()
 
 
 # -- 2 processes: SIGKILL and SIGTERM at random steps, resumed, end bit for bit as an uninterrupted run ---
