@@ -60,7 +60,7 @@ def reference_logits(cos: torch.Tensor, labels: list[int], margins: list[float],
         c, m = row[y], margins[i]
         if kind == "cos":
             target = c - m
-        elif math.acos(min(max(float(c), -1.0), 1.0)) + m <= math.pi:
+        elif math.acos(min(max(float(c.detach()), -1.0), 1.0)) + m <= math.pi:
             target = torch.cos(torch.acos(c) + m)
         else:  # theta + m past pi: arcface's continuation
             target = c - m * math.sin(m)
