@@ -7,17 +7,23 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import socket
 import threading
+import time
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 import torch.nn.functional as F
 from helpers import make_tiny_data
 
 import facecore
 from facecore.errors import ConfigError
-from facecore.train.classifier import MarginClassifier
+from facecore.train.classifier import MarginClassifier, ShardedMarginClassifier
 from facecore.train.head_batch import HeadBatch
 from facecore.train.trainer import train
 
@@ -195,6 +201,61 @@ def test_margins_depend_only_on_the_global_position(kind, plus) -> None:
     else:  # plus sorts over the global batch: each rank gathers the other's rows through reduce_sum
         even, odd = two_ranks(head, cosine, labels, target)
     assert torch.equal(whole[0::2], even) and torch.equal(whole[1::2], odd)
+
+
+def global_batch():
+    gen = torch.Generator().manual_seed(42)
+    weight, emb = torch.randn(C, D, generator=gen), torch.randn(8, D, generator=gen)
+    return weight, emb, torch.tensor([0, 5, 6, 9, 3, 7, 5, 2])
+
+
+def _rank_main(rank, port, out_dir):
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=timedelta(seconds=60))
+    try:
+        torch.set_num_threads(1)
+        weight, emb, labels = global_batch()
+        mine = slice(rank, None, 2)  # DistributedSampler's order: global position i * 2 + rank
+        results = {}
+        for kind in ("arc", "cos"):
+            replicated = MarginClassifier(D, C, elastic(kind=kind, plus=True, sigma=0.2, scale=16.0)).train()
+            replicated.load_full_state_dict({"weight": weight})
+            replicated.replicas, replicated.draw_key = (rank, 2), KEY
+            logits, _ = replicated.logits(emb[mine], labels[mine], replicated._rows(4))
+            sharded = ShardedMarginClassifier(D, C, elastic(kind=kind, plus=True, sigma=0.2, scale=16.0)).train()
+            sharded.load_full_state_dict({"weight": weight})
+            sharded.draw_key = KEY
+            results[kind] = {"replicated": logits.detach(), "sharded": sharded(emb[mine], labels[mine]).detach()}
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_plus_over_two_processes_matches_one_replicated_and_sharded(tmp_path: Path) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ctx = mp.start_processes(_rank_main, args=(port, str(tmp_path)), nprocs=2, join=False, start_method="spawn")
+    deadline = time.monotonic() + 120
+    try:
+        while not ctx.join(timeout=1):
+            if time.monotonic() > deadline:
+                pytest.fail("the 2-process gloo run hung for 120 s")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    weight, emb, labels = global_batch()
+    for kind in ("arc", "cos"):
+        one = MarginClassifier(D, C, elastic(kind=kind, plus=True, sigma=0.2, scale=16.0)).train()
+        one.load_full_state_dict({"weight": weight})
+        one.draw_key = KEY
+        logits, _ = one.logits(emb, labels)
+        for r in range(2):  # each replica's rows got the margins of their place in the global sort
+            torch.testing.assert_close(ranks[r][kind]["replicated"], logits[r::2].detach(), rtol=1e-6, atol=1e-5)
+            # sharded: the global batch's loss (rows gathered rank-major, margins by global position)
+            torch.testing.assert_close(ranks[r][kind]["sharded"], one(emb, labels).detach(), rtol=1e-6, atol=1e-6)
 
 
 def test_plus_refuses_rows_that_do_not_cover_the_global_batch() -> None:
