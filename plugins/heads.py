@@ -1,4 +1,4 @@
-"""Margin heads ``arcface``, ``cosface`` and ``adaface``: cosine logits in, scaled margin logits out.
+"""Margin heads ``arcface``, ``cosface``, ``combined`` and ``adaface``: cosine logits in, scaled margin logits out.
 
 A head is called as ``head(cosine, labels, norms)``: ``cosine`` (N, C) in [-1, 1] between
 normalized embeddings and class centers, ``labels`` (N,) int64 column of each row's class
@@ -42,6 +42,17 @@ COSFACE_SCHEMA = {
     "properties": {
         "scale": SCALE,
         "margin": _number("Additive cosine margin m: target logit s*(cos(theta) - m).", 0.35, minimum=0, maximum=1),
+    },
+}
+COMBINED_SCHEMA = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "scale": SCALE,
+        "m1": _number("Multiplicative angular margin (SphereFace): target logit s*(cos(m1*theta + m2) - m3).", 1.0,
+                      minimum=1),
+        "m2": _number("Additive angular margin in radians (ArcFace).", 0.5, minimum=0, exclusiveMaximum=PI / 2),
+        "m3": _number("Additive cosine margin (CosFace).", 0.0, minimum=0, maximum=1),
     },
 }
 ADAFACE_SCHEMA = {
@@ -151,6 +162,80 @@ class CosFace(nn.Module):
         return f"scale={self.scale}, margin={self.margin}"
 
 
+class _CosOfScaledAngle(torch.autograd.Function):
+    """cos(m1 * acos(cosine) + m2) with a finite derivative at cos = +-1.
+
+    The derivative m1 * sin(m1*theta + m2) / sin(theta) is exact inside (-1, 1); at cos = +-1
+    exactly it takes its value at ``+-inner``, the nearest cosine inside the range that the dtype
+    the cosines came in can hold (the convention of ``_SinFromCos``).
+    """
+
+    @staticmethod
+    def forward(ctx, cosine: torch.Tensor, m1: float, m2: float, inner: float) -> torch.Tensor:
+        ctx.save_for_backward(cosine)
+        ctx.m1, ctx.m2, ctx.inner = m1, m2, inner
+        return torch.cos(m1 * torch.acos(cosine.clamp(-1.0, 1.0)) + m2)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (cosine,) = ctx.saved_tensors
+        inside = cosine.clamp(-ctx.inner, ctx.inner)
+        sine = torch.sqrt((1.0 - inside) * (1.0 + inside))
+        slope = ctx.m1 * torch.sin(ctx.m1 * torch.acos(inside) + ctx.m2) / sine
+        return grad * slope, None, None, None
+
+
+class CombinedMargin(nn.Module):
+    """Combined margin (arcface_torch's m1, m2, m3): target logit s*(cos(m1*theta + m2) - m3).
+
+    m1 is SphereFace's multiplicative angular margin, m2 ArcFace's additive angular margin and
+    m3 CosFace's additive cosine margin; (1, m, 0) is ``arcface`` and (1, 0, m) is ``cosface``,
+    logit for logit. Past theta0 = (pi - m2) / m1, where m1*theta + m2 would pass pi and the
+    cosine would turn back up, the target logit is s*(cos(theta) - k), the shape of
+    arcface_torch's ArcFace fallback (the cosine minus a constant, so still decreasing):
+
+    * m1 = 1 and m3 = 0 (plain ArcFace): k = m2*sin(m2), arcface_torch's constant, kept so that
+      this head and ``arcface`` train identically. That fallback joins the curve with a drop of
+      cos(m2) + m2*sin(m2) - 1 at theta0 (0.117 for m2 = 0.5): decreasing, not continuous.
+    * every other option set: k = 1 + cos(theta0) + m3, the constant that joins the two pieces
+      at theta0 (both equal -1 - m3 there), so the target is continuous and strictly decreasing
+      over [0, pi]. arcface_torch has no general form to follow: it applies m1 only through its
+      ArcFace branch (m1 = 1) and drops m1 and m2 whenever m3 > 0.
+
+    With m1 = 1 the angle is added through cos/sin expansions (``_SinFromCos``), otherwise through
+    ``_CosOfScaledAngle``; both keep gradients finite at cos = +-1.
+    """
+
+    def __init__(self, scale: float = 64.0, m1: float = 1.0, m2: float = 0.5, m3: float = 0.0):
+        super().__init__()
+        _check((scale > 0, f"head.scale: must be > 0, got {scale}"),
+               (m1 >= 1, f"head.m1: must be >= 1 (1: no multiplicative margin), got {m1}"),
+               (0 <= m2 < PI / 2, f"head.m2: must be in [0, pi/2) radians, got {m2}"),
+               (0 <= m3 <= 1, f"head.m3: must be in [0, 1], got {m3}"))
+        self.scale, self.m1, self.m2, self.m3 = float(scale), float(m1), float(m2), float(m3)
+        self.cos_m, self.sin_m = math.cos(m2), math.sin(m2)
+        self.threshold = math.cos((PI - self.m2) / self.m1)  # cos(theta) below this: m1*theta + m2 > pi
+        if self.m1 == 1.0 and self.m3 == 0.0:
+            self.fallback = self.m2 * self.sin_m
+        else:
+            self.fallback = 1.0 + self.threshold + self.m3
+
+    def _target(self, cosine: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        if self.m1 == 1.0:
+            sine = _SinFromCos.apply(cosine, _sine_floor(dtype))
+            shifted = cosine * self.cos_m - sine * self.sin_m  # cos(theta + m2)
+        else:
+            shifted = _CosOfScaledAngle.apply(cosine, self.m1, self.m2, 1.0 - torch.finfo(dtype).eps / 2)
+        return torch.where(cosine > self.threshold, shifted - self.m3, cosine - self.fallback)
+
+    def forward(self, cosine: torch.Tensor, labels: torch.Tensor, norms: torch.Tensor | None = None) -> torch.Tensor:
+        dtype = cosine.dtype
+        return _apply_to_targets(_compute_dtype(cosine), labels, lambda t: self._target(t, dtype)) * self.scale
+
+    def extra_repr(self) -> str:
+        return f"scale={self.scale}, m1={self.m1}, m2={self.m2}, m3={self.m3}"
+
+
 class AdaFace(nn.Module):
     """AdaFace: a margin that adapts to image quality, read from the feature norm.
 
@@ -202,5 +287,7 @@ class AdaFace(nn.Module):
 def register_heads(register):
     register("arcface", ArcFace, schema=ARCFACE_SCHEMA, description="Additive angular margin: s*cos(theta + m)")
     register("cosface", CosFace, schema=COSFACE_SCHEMA, description="Additive cosine margin: s*(cos(theta) - m)")
+    register("combined", CombinedMargin, schema=COMBINED_SCHEMA,
+             description="Combined margin (SphereFace/ArcFace/CosFace): s*(cos(m1*theta + m2) - m3)")
     register("adaface", AdaFace, schema=ADAFACE_SCHEMA,
              description="Quality-adaptive margin driven by feature norms (AdaFace)")

@@ -25,6 +25,21 @@ def make_tiny_data(root: Path, identities: int = 6, per_identity: int = 8, pairs
     return root / "data"
 
 
+def copy_with_broken_image(src: Path, dst: Path, key: int = 1) -> Path:
+    """A copy of the RecordIO set ``src`` at ``dst`` whose image of record ``key`` no longer decodes."""
+    import shutil
+
+    from facecore.data.recordio import read_index
+
+    shutil.copytree(src, dst)
+    keys, offsets = read_index(dst / "train.idx")
+    image_start = int(offsets[list(keys).index(key)]) + 8 + 24  # record header + IRHeader (flag 0)
+    with (dst / "train.rec").open("r+b") as fh:  # break the JPEG start-of-image marker
+        fh.seek(image_start)
+        fh.write(b"\0\0\0\0")
+    return dst
+
+
 def fake_distribution(where: Path, dist: str, module: str, source: str, version: str = "1.2.3") -> None:
     """A module plus ``<dist>-<version>.dist-info`` with a facecore entry point: importlib.metadata
     finds it when ``where`` is on the path, as it would an installed package."""

@@ -24,6 +24,9 @@ pytestmark = pytest.mark.slow
 # classifier's gathers and distributed softmax -- is the real code path. The head uses every seam a
 # head has (HeadBatch randomness and global means, state, its own parameter and loss term).
 PROBE = """
+import os
+import time
+
 import torch
 from torch import nn
 from facecore import hookimpl
@@ -37,6 +40,8 @@ class Probe(nn.Module):
         self.fc = nn.Linear(4 * 36, embedding_size)
 
     def forward(self, x):
+        if self.training and os.environ.get("FC_PROBE_SLEEP"):
+            time.sleep(float(os.environ["FC_PROBE_SLEEP"]))  # room to land a signal mid-run; the numbers stay
         return self.fc(torch.relu(self.conv(self.pool(x))).flatten(1))
 
 

@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import fake_distribution, make_tiny_data, subprocess_env
-from test_distributed import AUGMENT, kill_tree
+from helpers import copy_with_broken_image, fake_distribution, make_tiny_data, subprocess_env
+from test_distributed import AUGMENT, PROBE, kill_tree
 from test_trainer import assert_same_weights, raw_config, tiny_config
 
 from facecore import TrainingError, TrainingStopped, hookimpl
@@ -146,18 +146,9 @@ def test_a_data_worker_killed_by_the_os_stops_the_run_naming_the_cause_and_the_c
 
 
 def test_corrupt_records_are_counted_in_metrics_and_stop_names_the_file_and_key(tiny_data: Path, tmp_path: Path) -> None:
-    import shutil
-
     from facecore import DataError
-    from facecore.data.recordio import read_index
 
-    data = tmp_path / "data"
-    shutil.copytree(tiny_data, data)
-    keys, offsets = read_index(data / "train.idx")
-    image_start = int(offsets[list(keys).index(1)]) + 8 + 24  # record header + IRHeader of key 1 (flag 0)
-    with (data / "train.rec").open("r+b") as fh:  # break the JPEG start-of-image marker
-        fh.seek(image_start)
-        fh.write(b"\0\0\0\0")
+    data = copy_with_broken_image(tiny_data, tmp_path / "data", key=1)
     skip = configured(data, tmp_path / "skip", data={"on_bad_image": "skip", "num_workers": 1})
     summary = train(skip, verbose=False)
     lines = [json.loads(x) for x in (Path(summary["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
@@ -174,42 +165,18 @@ def test_corrupt_records_are_counted_in_metrics_and_stop_names_the_file_and_key(
 
 
 # -- 2 processes: SIGKILL and SIGTERM at random steps, resumed, end bit for bit as an uninterrupted run ---
-SLOW_PROBE = """
-import time
-import torch
-from torch import nn
-from facecore import hookimpl
-
-
-class SlowProbe(nn.Module):
-    def __init__(self, embedding_size):
-        super().__init__()
-        self.pool = nn.AdaptiveAvgPool2d(6)
-        self.conv = nn.Conv2d(3, 4, 3, padding=1)
-        self.fc = nn.Linear(4 * 36, embedding_size)
-
-    def forward(self, x):
-        if self.training:
-            time.sleep(0.15)  # room to land a signal mid-run; the numbers do not depend on it
-        return self.fc(torch.relu(self.conv(self.pool(x))).flatten(1))
-
-
-@hookimpl
-def register_backbones(register):
-    register("slow-probe", SlowProbe, description="BN-free test backbone that takes its time")
-"""
 
 
 def test_two_processes_killed_and_preempted_at_random_steps_resume_bit_exactly(tmp_path: Path) -> None:
     data = make_tiny_data(tmp_path / "data", identities=31, per_identity=2)  # 62 images: 3 steps of 16, uneven shards
-    fake_distribution(tmp_path, "fc-slow-probe", "fc_slow_probe_plugin", SLOW_PROBE)
-    env = subprocess_env(PYTHONPATH=str(tmp_path))
+    fake_distribution(tmp_path, "fc-probe", "fc_probe_plugin", PROBE)
+    env = subprocess_env(PYTHONPATH=str(tmp_path), FC_PROBE_SLEEP="0.15")
     epochs, steps = 4, 4 * 3
 
     def config(name: str) -> Path:
         cfg = {
             "seed": 5, "device": "cpu",
-            "model": {"backbone": "slow-probe", "embedding_size": 16},
+            "model": {"backbone": "probe", "embedding_size": 16},
             "head": {"type": "cosface", "scale": 16.0, "margin": 0.2, "shard": True, "sample_rate": 0.7},
             "data": {"root": str(data), "batch_size": 8, "num_workers": 0, "augment": AUGMENT},
             "training": {"epochs": epochs, "lr": 0.1, "warmup_epochs": 0.5, "preempt_every": 1},

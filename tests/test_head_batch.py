@@ -60,3 +60,12 @@ def test_random_numbers_are_a_function_of_key_and_global_position_only() -> None
     assert not torch.equal(whole[:, :1], batch(list(range(8)), 8).normal(1, stream=1))
     u = batch(list(range(8)), 8).uniform(3)
     assert u.shape == (8, 3) and float(u.min()) >= 0 and float(u.max()) < 1
+
+
+def test_by_position_puts_every_rows_values_in_global_order() -> None:
+    parts = {}
+    for rank in (0, 1):  # two replicas, rows strided as DistributedSampler deals them; the sum is the all-reduce
+        positions = torch.tensor([rank, rank + 2, rank + 4])
+        values = positions.float().unsqueeze(1) * 10
+        parts[rank] = HeadBatch(torch.zeros(3, 1), positions, 6, None, lambda t: t).by_position(values)
+    assert torch.equal(parts[0] + parts[1], torch.arange(6).float().unsqueeze(1) * 10)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import former_flip, make_tiny_data, subprocess_env
+from helpers import copy_with_broken_image, former_flip, make_tiny_data, subprocess_env
 
 from facecore import CheckpointError, DataError, TrainingError, hookimpl
 from facecore.core.checkpoint import load_checkpoint, save_checkpoint
@@ -71,6 +71,23 @@ def test_same_seed_gives_identical_weights_and_another_seed_does_not(tiny_data: 
     assert_same_weights(final_weights(first["run_dir"]), final_weights(second["run_dir"]))
     a, c = final_weights(first["run_dir"]), final_weights(other["run_dir"])
     assert any(not torch.equal(a[k], c[k]) for k in a if a[k].is_floating_point())
+
+
+def test_best_pth_follows_best_metric_and_a_run_without_pair_sets_says_it_writes_none(tiny_data: Path, tmp_path: Path) -> None:
+    cfg = tiny_config(tiny_data, tmp_path / "min", eval={"bin_file": "val.bin", "metrics": ["verification", "eer"]},
+                      checkpoint={"save_dir": str(tmp_path / "min" / "runs"), "best_metric": {"key": "eer", "mode": "min"}})
+    summary = train(cfg, verbose=False)
+    lines = [json.loads(x) for x in (Path(summary["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    eers = [x["eer"] for x in lines if x["event"] == "validation"]
+    best = load_checkpoint(Path(summary["run_dir"]) / "best.pth")
+    assert best["best_metric"] == {"key": "eer", "mode": "min", "value": min(eers)}
+    assert best["step"] == 6 * (1 + eers.index(min(eers)))  # the epoch whose eer was lowest
+
+    cfg = tiny_config(tiny_data, tmp_path / "none", eval={"bin_file": None})
+    summary = train(cfg, verbose=False)
+    log = (Path(summary["run_dir"]) / "train.log").read_text()
+    assert log.count("writes no best.pth") == 1 and not (Path(summary["run_dir"]) / "best.pth").exists()
+    assert (Path(summary["run_dir"]) / "last.pth").exists() and summary["best_metric"]["value"] is None
 
 
 def test_run_directory_holds_config_checkpoints_metrics_and_log(tiny_data: Path, tmp_path: Path) -> None:
@@ -284,17 +301,7 @@ def test_checkpoint_with_pickled_code_is_refused_and_never_run(tmp_path: Path) -
 
 
 def test_undecodable_images_stop_the_run_or_are_skipped_and_counted(tiny_data: Path, tmp_path: Path) -> None:
-    import shutil
-
-    from facecore.data.recordio import read_index
-
-    data = tmp_path / "data"
-    shutil.copytree(tiny_data, data)
-    keys, offsets = read_index(data / "train.idx")
-    image_start = int(offsets[list(keys).index(1)]) + 8 + 24  # record header + IRHeader of key 1 (flag 0)
-    with (data / "train.rec").open("r+b") as fh:  # break the JPEG start-of-image marker
-        fh.seek(image_start)
-        fh.write(b"\0\0\0\0")
+    data = copy_with_broken_image(tiny_data, tmp_path / "data", key=1)
     with pytest.raises(DataError, match=r"train.rec: record key 1 at byte offset"):
         train(tiny_config(data, tmp_path / "stop", training={"epochs": 1}), verbose=False)
     cfg = raw_config(data, tmp_path / "skip", training={"epochs": 2})

@@ -8,7 +8,8 @@ sharded or sampled and however many ranks share the batch:
   on another rank (sharded centers: summed from the rank that holds it);
 - ``positions`` (N,): the row's place in the global batch, and ``global_rows``;
 - ``global_mean(x)``: the mean of a per-row tensor over the whole global batch, the same on every
-  rank (for running statistics such as CurricularFace's t or AdaFace's norms);
+  rank (for running statistics such as CurricularFace's t or AdaFace's norms); ``by_position(x)``:
+  every row's values in global order (to rank the rows of the whole batch);
 - ``normal(columns)`` / ``uniform(columns)``: random numbers that are a pure function of (seed,
   epoch, batch, position in the global batch), drawn on the CPU like the augmentations' numbers,
   so a run is the same on any number of ranks and resumes bit-exactly.
@@ -35,6 +36,15 @@ class HeadBatch:
     def global_mean(self, values: torch.Tensor) -> torch.Tensor:
         """Mean over the global batch of per-row ``values`` (N, ...) -> (...), equal on every rank."""
         return self.reduce_sum(values.sum(dim=0)) / self.global_rows
+
+    def by_position(self, values: torch.Tensor) -> torch.Tensor:
+        """Per-row ``values`` (N, ...) of every row of the global batch, ordered by position, on every rank.
+
+        For what needs the whole batch at once, e.g. ranking the rows (ElasticFace+).
+        """
+        full = values.new_zeros((self.global_rows, *values.shape[1:]))
+        full[self.positions.to(values.device)] = values
+        return self.reduce_sum(full)
 
     def _generator(self, stream: int) -> torch.Generator:
         if self.draw_key is None:
