@@ -88,20 +88,18 @@ class ElasticFace(nn.Module):
     def _sorted_by_target(self, batch: HeadBatch, z: torch.Tensor) -> torch.Tensor:
         """The draws of the global batch handed out by target cosine: the largest cosine gets the smallest draw.
 
-        Every row's target cosine and draw are gathered over the global batch with ``batch.reduce_sum``
-        (each rank fills its own positions, zeros elsewhere: the sum is exact); where the rows here already
-        are the whole global batch (one process, sharded centers) that is a no-op.
+        Every row's target cosine and draw come from ``batch.by_position`` (each rank fills its own positions,
+        zeros elsewhere, summed over the ranks: exact); where the rows here already are the whole global batch
+        (one process, sharded centers) nothing is exchanged. A count column checks that the rows partition it.
         """
         rows = batch.global_rows
-        device = batch.target_cosine.device
-        positions = batch.positions.to(device)
-        mine = torch.cat([batch.target_cosine.detach().double().reshape(-1, 1), z,
+        positions = batch.positions.to(z.device)
+        mine = torch.cat([batch.target_cosine.detach().double().reshape(-1, 1).to(z.device), z,
                           torch.ones_like(z)], dim=1)
-        table = torch.zeros(rows, 3, dtype=torch.float64, device=device).index_add_(0, positions, mine)
-        table = batch.reduce_sum(table)
+        table = batch.by_position(mine)
         if not bool((table[:, 2] == 1).all()):
             raise ConfigError(["head.plus: ElasticFace+ sorts the margins over the global batch, but these rows "
-                               f"({positions.numel()} of {rows}) and the batch's reduce_sum do not cover every "
+                               f"({positions.numel()} of {rows}) and those of the other ranks do not cover every "
                                "position exactly once; use plus: false with this caller"])
         order = torch.sort(table[:, 0], descending=True, stable=True).indices  # closest to the center first
         handed = torch.empty_like(table[:, 1])
