@@ -10,7 +10,7 @@ Half-precision input is computed in float32 and float32 logits are returned.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -246,6 +246,8 @@ class AdaFace(nn.Module):
     CosFace-like one.
     """
 
+    uses_batch = True  # the statistics are of the global batch, also when DDP splits it over ranks
+
     def __init__(self, scale: float = 64.0, margin: float = 0.4, h: float = 0.333, t_alpha: float = 0.01,
                  eps: float = 1e-3):
         super().__init__()
@@ -259,21 +261,29 @@ class AdaFace(nn.Module):
         self.register_buffer("batch_std", torch.full((1,), 100.0))
 
     @torch.no_grad()
-    def _update_statistics(self, norms: torch.Tensor) -> None:
+    def _update_statistics(self, norms: torch.Tensor, batch: Any = None) -> None:
         a = self.t_alpha
-        self.batch_mean.mul_(1 - a).add_(a * norms.mean().to(self.batch_mean.dtype))
-        if norms.numel() > 1:  # the unbiased std of one sample is undefined
-            self.batch_std.mul_(1 - a).add_(a * norms.std().to(self.batch_std.dtype))
+        if batch is None or batch.global_rows == norms.shape[0]:  # these rows are the whole batch
+            mean, n = norms.mean(), norms.numel()
+            std = norms.std() if n > 1 else None
+        else:  # this rank's part of a batch that DDP split: mean and unbiased std from global sums
+            n = batch.global_rows
+            mean = batch.global_mean(norms).reshape(())
+            square = batch.global_mean(norms * norms).reshape(())
+            std = ((square - mean * mean).clamp(min=0) * n / (n - 1)).sqrt() if n > 1 else None
+        self.batch_mean.mul_(1 - a).add_(a * mean.to(self.batch_mean.dtype))
+        if std is not None:  # the unbiased std of one sample is undefined
+            self.batch_std.mul_(1 - a).add_(a * std.to(self.batch_std.dtype))
 
     def _target(self, cosine: torch.Tensor, scaler: torch.Tensor) -> torch.Tensor:
         theta = torch.acos(cosine) - self.margin * scaler
         return torch.cos(theta.clamp(self.eps, PI - self.eps)) - (self.margin + self.margin * scaler)
 
-    def forward(self, cosine: torch.Tensor, labels: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
+    def forward(self, cosine: torch.Tensor, labels: torch.Tensor, norms: torch.Tensor, batch: Any = None) -> torch.Tensor:
         cosine = _compute_dtype(cosine).clamp(-1 + self.eps, 1 - self.eps)
         safe = norms.detach().reshape(-1, 1).to(cosine.dtype).clamp(0.001, 100)
         if self.training:
-            self._update_statistics(safe)
+            self._update_statistics(safe, batch)
         mean, std = self.batch_mean.to(cosine.dtype), self.batch_std.to(cosine.dtype)
         scaler = (self.h * (safe - mean) / (std + self.eps)).clamp(-1, 1)
         # Non-target angles need no clip: the cosine clamp already keeps them inside [eps, pi - eps].

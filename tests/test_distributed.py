@@ -3,6 +3,7 @@ validates every epoch (best.pth written by every rank's decision), exits 0, and 
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -24,6 +25,7 @@ pytestmark = pytest.mark.slow
 # classifier's gathers and distributed softmax -- is the real code path. The head uses every seam a
 # head has (HeadBatch randomness and global means, state, its own parameter and loss term).
 PROBE = """
+import json
 import os
 import time
 
@@ -237,3 +239,66 @@ def test_two_process_run_killed_and_resumed_is_bit_exact_with_sampling_on_uneven
     for part in ("backbone", "classifier"):
         for key in reference[part]:
             assert torch.equal(resumed[part][key], reference[part][key]), (part, key)
+
+
+# Every bundled head, 1 process against 2, centers replicated and sharded: one launch per world size.
+HEADS = {
+    "arcface": {"scale": 16.0, "margin": 0.2},
+    "cosface": {"scale": 16.0, "margin": 0.2},
+    "combined": {"scale": 16.0, "m1": 1.2, "m2": 0.1, "m3": 0.1},
+    "adaface": {"scale": 16.0, "margin": 0.2, "t_alpha": 1.0},  # statistics of each batch alone: they matter
+    "curricularface": {"scale": 16.0, "margin": 0.2, "t_alpha": 0.5},
+    "magface": {"scale": 16.0, "l_a": 0.5, "u_a": 5.0},
+    "elasticface": {"scale": 16.0, "margin": 0.2, "plus": True},
+}
+HEADS_DRIVER = """
+import json, os, sys
+from pathlib import Path
+
+import torch.distributed as dist
+
+from facecore.core.config import validate_config
+from facecore.train.trainer import train
+
+spec, out = json.loads(Path(sys.argv[1]).read_text()), Path(sys.argv[2])
+world = int(os.environ.get("WORLD_SIZE", "1"))
+if world > 1:
+    dist.init_process_group("gloo")  # one group for every run below: the trainer joins it and leaves it alone
+for name, options in spec["heads"].items():
+    for shard in (False, True):
+        cfg = json.loads(json.dumps(spec["config"]))
+        cfg["head"] = {"type": name, **options, "shard": shard}
+        cfg["data"]["batch_size"] = 16 // world
+        cfg["checkpoint"]["save_dir"] = str(out / f"{name}-{shard}")
+        train(validate_config(cfg), verbose=False)
+if world > 1:
+    dist.destroy_process_group()
+"""
+
+
+def test_every_head_trains_the_same_weights_on_two_processes_as_on_one(setup, tmp_path: Path) -> None:
+    data, env = setup
+    config = {
+        "seed": 3, "device": "cpu",
+        "model": {"backbone": "probe", "embedding_size": 16},
+        "data": {"root": str(data), "num_workers": 0, "augment": ["flip"]},
+        "training": {"epochs": 2, "lr": 0.1, "warmup_epochs": 0.5},
+        "checkpoint": {}, "logging": {"log_dir": str(tmp_path / "logs"), "tensorboard": False},
+    }
+    (tmp_path / "spec.json").write_text(json.dumps({"heads": HEADS, "config": config}))
+    (tmp_path / "driver.py").write_text(HEADS_DRIVER)
+    launchers = {1: [sys.executable], 2: [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]}
+    for world, launcher in launchers.items():
+        out = subprocess.run([*launcher, str(tmp_path / "driver.py"), str(tmp_path / "spec.json"), str(tmp_path / str(world))],
+                             env=env, capture_output=True, text=True, timeout=600)
+        check_exit(out, out.stderr)
+    for name in HEADS:
+        for shard in (False, True):
+            (one,) = (tmp_path / "1" / f"{name}-{shard}").rglob("last.pth")
+            (two,) = (tmp_path / "2" / f"{name}-{shard}").rglob("last.pth")
+            one, two = load_checkpoint(one), load_checkpoint(two)
+            assert one["step"] == two["step"] == 2 * STEPS_PER_EPOCH, name
+            try:
+                assert_close(one, two)
+            except AssertionError as exc:
+                raise AssertionError(f"{name}, shard={shard}: {exc}") from None
