@@ -134,10 +134,11 @@ class _CenterClassifier(nn.Module):
             check_labels(labels, self.num_classes)
 
     def sample_centers(self, labels: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """(index of the local centers used, or None for all; each label's column in them, -1 if not local).
+        """(index of the local classes used, or None for all; each label's column in them, -1 if not local).
 
-        Partial FC: in training mode with ``sample_rate < 1`` every local positive center is kept and
-        random negatives fill up to ``ceil(sample_rate * num_local)`` centers. When the batch has no
+        Partial FC: in training mode with ``sample_rate < 1`` every local positive class is kept and
+        random negatives fill up to ``ceil(sample_rate * num_local)`` classes (with K centers per class,
+        :meth:`logits` takes all K rows of each). When the batch has no
         more labels than that, the draw has a fixed size and never waits for the device; otherwise
         (tiny class counts) the number of distinct positives decides it, which reads them.
         """
