@@ -4,6 +4,10 @@
 of negative centers. ``ShardedMarginClassifier`` splits the centers across the ranks of a
 torch.distributed group (model parallel, Partial FC style) for class counts that do not
 fit one device; its checkpoints (``full_state_dict``) do not depend on the number of ranks.
+
+A head may set ``centers_per_class = K`` (default 1; sub-center ArcFace): the classifier then holds K
+centers per class, class-major, and a class's cosine is the largest of its K centers' before the head
+sees it, so heads always get (N, classes) cosines. Partial FC samples classes and keeps all K of each.
 """
 
 from __future__ import annotations
@@ -87,11 +91,17 @@ class _CenterClassifier(nn.Module):
             problems.append(f"head.num_classes: need at least 2 classes, got {num_classes}")
         if not 0 < sample_rate <= 1:
             problems.append(f"head.sample_rate: must be in (0, 1], got {sample_rate}")
+        per_class = getattr(head, "centers_per_class", 1)
+        if isinstance(per_class, bool) or not isinstance(per_class, int) or per_class < 1:
+            problems.append(f"head.centers_per_class: the head '{type(head).__name__}' asks for {per_class!r} "
+                            "centers per class; it must be an integer >= 1")
         if problems:
             raise ConfigError(problems)
         self.embedding_size, self.num_classes, self.sample_rate = embedding_size, num_classes, float(sample_rate)
         self.class_start, self.num_local = class_start, num_local
-        self.weight = nn.Parameter(init_centers(class_start, num_local, embedding_size, seed))
+        # K centers per class, class-major: class c's are rows c*K ... c*K+K-1 (of the unsharded matrix)
+        self.centers_per_class = per_class
+        self.weight = nn.Parameter(init_centers(class_start * per_class, num_local * per_class, embedding_size, seed))
         self.head = head
         configure = getattr(head, "configure", None)
         if callable(configure):  # e.g. an initial bias that depends on the class count
@@ -124,10 +134,11 @@ class _CenterClassifier(nn.Module):
             check_labels(labels, self.num_classes)
 
     def sample_centers(self, labels: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """(index of the local centers used, or None for all; each label's column in them, -1 if not local).
+        """(index of the local classes used, or None for all; each label's column in them, -1 if not local).
 
-        Partial FC: in training mode with ``sample_rate < 1`` every local positive center is kept and
-        random negatives fill up to ``ceil(sample_rate * num_local)`` centers. When the batch has no
+        Partial FC: in training mode with ``sample_rate < 1`` every local positive class is kept and
+        random negatives fill up to ``ceil(sample_rate * num_local)`` classes (with K centers per class,
+        :meth:`logits` takes all K rows of each). When the batch has no
         more labels than that, the draw has a fixed size and never waits for the device; otherwise
         (tiny class counts) the number of distinct positives decides it, which reads them.
         """
@@ -160,9 +171,14 @@ class _CenterClassifier(nn.Module):
         rows), for a head that uses a :class:`HeadBatch`; default: these rows are the whole batch.
         """
         index, targets = self.sample_centers(labels)
+        per_class = self.centers_per_class
+        if per_class > 1 and index is not None:  # every center of each sampled class
+            index = (index.unsqueeze(1) * per_class + torch.arange(per_class, device=index.device)).reshape(-1)
         weight = self.weight if index is None else self.weight[index]
         cosine = F.linear(F.normalize(embeddings.to(weight.dtype), dim=1), F.normalize(weight, dim=1))
         cosine = cosine.float().clamp(-1.0, 1.0)
+        if per_class > 1:  # a class's cosine is that of its nearest center; only that center gets the gradient
+            cosine = cosine.reshape(cosine.shape[0], -1, per_class).max(dim=2).values
         norms = torch.linalg.vector_norm(embeddings.float(), dim=1, keepdim=True)
         if not getattr(self.head, "uses_batch", False):
             return self.head(cosine, targets, norms).float(), targets
@@ -193,15 +209,16 @@ class _CenterClassifier(nn.Module):
 
     # -- checkpoints that do not depend on the number of ranks ---------------------------------
     def full_rows(self, local: torch.Tensor, rank0_only: bool = False) -> torch.Tensor | None:
-        """All classes' rows of a per-class tensor shaped like ``weight`` (e.g. optimizer momentum)."""
+        """All classes' rows of a per-center tensor shaped like ``weight`` (e.g. optimizer momentum)."""
         return local.detach().cpu().clone()
 
     def local_rows(self, full: torch.Tensor) -> torch.Tensor:
-        """This process's rows of an all-classes tensor (the inverse of ``full_rows``)."""
-        return full[self.class_start : self.class_start + self.num_local]
+        """This process's rows of an all-classes tensor (the inverse of ``full_rows``): K rows per class."""
+        k = self.centers_per_class
+        return full[self.class_start * k : (self.class_start + self.num_local) * k]
 
     def full_state_dict(self, rank0_only: bool = False) -> dict[str, torch.Tensor]:
-        """``{'weight': (num_classes, D), 'head.*': buffers}`` on the CPU; collective when sharded.
+        """``{'weight': (num_classes * K, D), 'head.*': buffers}`` on the CPU; collective when sharded.
 
         With ``rank0_only`` the other ranks get an empty dict (and hold no full copy).
         """
@@ -215,11 +232,22 @@ class _CenterClassifier(nn.Module):
     def load_full_state_dict(self, state: dict[str, Any], source: str = "checkpoint") -> None:
         """Load a ``full_state_dict`` (or a MarginClassifier ``state_dict``) saved with any number of ranks."""
         weight = state.get("weight")
-        if not isinstance(weight, torch.Tensor) or tuple(weight.shape) != (self.num_classes, self.embedding_size):
+        k = self.centers_per_class
+        if not isinstance(weight, torch.Tensor) or tuple(weight.shape) != (self.num_classes * k, self.embedding_size):
             found = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
+            if k == 1:
+                needs = f"({self.num_classes}, {self.embedding_size}) (head.num_classes, model.embedding_size)"
+            else:
+                needs = (f"({self.num_classes * k}, {self.embedding_size}) (head.num_classes x {k} centers per class "
+                         f"of head '{type(self.head).__name__}', model.embedding_size)")
+            hint = ""
+            if (isinstance(weight, torch.Tensor) and weight.dim() == 2 and weight.shape[0] % self.num_classes == 0
+                    and weight.shape[0] // self.num_classes != k):
+                hint = (f" (it holds {weight.shape[0] // self.num_classes} centers per class: was it saved with "
+                        "another head.type or its k?)")
             raise CheckpointError(
-                f"{source}: the classifier weight is {found}, the config needs ({self.num_classes}, "
-                f"{self.embedding_size}) (head.num_classes, model.embedding_size); resume with the config it was saved with"
+                f"{source}: the classifier weight is {found}, the config needs {needs}; "
+                f"resume with the config it was saved with{hint}"
             )
         head_state = {k[len("head."):]: v for k, v in state.items() if k.startswith("head.")}
         extra = sorted(k for k in state if k != "weight" and not k.startswith("head."))
@@ -235,8 +263,10 @@ class _CenterClassifier(nn.Module):
             self.weight.copy_(self.local_rows(weight).to(self.weight.device, self.weight.dtype))
 
     def extra_repr(self) -> str:
+        per_class = f", centers_per_class={self.centers_per_class}" if self.centers_per_class > 1 else ""
         return (f"embedding_size={self.embedding_size}, num_classes={self.num_classes}, "
-                f"classes=[{self.class_start}, {self.class_start + self.num_local}), sample_rate={self.sample_rate}")
+                f"classes=[{self.class_start}, {self.class_start + self.num_local}), sample_rate={self.sample_rate}"
+                f"{per_class}")
 
 
 class MarginClassifier(_CenterClassifier):
@@ -355,7 +385,8 @@ class ShardedMarginClassifier(_CenterClassifier):
     def full_rows(self, local: torch.Tensor, rank0_only: bool = False) -> torch.Tensor | None:
         if self.world_size == 1:
             return super().full_rows(local)
-        counts = [shard_range(self.num_classes, self.world_size, r)[1] for r in range(self.world_size)]
+        counts = [shard_range(self.num_classes, self.world_size, r)[1] * self.centers_per_class
+                  for r in range(self.world_size)]
         local = local.detach()
         if not rank0_only:
             return _gather_padded(local, counts, self.group).cpu()
