@@ -250,6 +250,7 @@ HEADS = {
     "curricularface": {"scale": 16.0, "margin": 0.2, "t_alpha": 0.5},
     "magface": {"scale": 16.0, "l_a": 0.5, "u_a": 5.0},
     "elasticface": {"scale": 16.0, "margin": 0.2, "plus": True},
+    "subcenter_arcface": {"scale": 16.0, "margin": 0.2, "k": 3},  # 3 centers per class, sharded as whole classes
 }
 HEADS_DRIVER = """
 import json, os, sys
@@ -298,6 +299,8 @@ def test_every_head_trains_the_same_weights_on_two_processes_as_on_one(setup, tm
             (two,) = (tmp_path / "2" / f"{name}-{shard}").rglob("last.pth")
             one, two = load_checkpoint(one), load_checkpoint(two)
             assert one["step"] == two["step"] == 2 * STEPS_PER_EPOCH, name
+            rows = 7 * HEADS[name].get("k", 1)
+            assert one["classifier"]["weight"].shape == two["classifier"]["weight"].shape == (rows, 16), name
             try:
                 assert_close(one, two)
             except AssertionError as exc:
