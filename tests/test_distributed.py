@@ -274,6 +274,8 @@ for name, options in spec["heads"].items():
         train(validate_config(cfg), verbose=False)
 if world > 1:
     dist.destroy_process_group()
+    sys.stdout.flush()
+    os._exit(0)  # as facecore's CLI leaves a torchrun worker: no interpreter teardown of torch.distributed
 """
 
 

@@ -22,12 +22,33 @@ def user_errors(func: Callable[..., Any]) -> Callable[..., Any]:
         except FacecoreError as exc:
             if not (isinstance(exc, TrainingStopped) and os.environ.get("RANK", "0") != "0"):  # one rank says it
                 click.echo(f"{exc.label}: {exc}", err=True)
+            leave_torchrun_worker(exc.exit_code)
             sys.exit(exc.exit_code)
         except KeyboardInterrupt:
             click.echo("Interrupted.", err=True)
             sys.exit(130)
 
     return wrapper
+
+
+def leave_torchrun_worker(code: int) -> None:
+    """Under torchrun, end this worker now with ``code``, without the interpreter's teardown.
+
+    When a command gets here its work is written, flushed and closed (checkpoints fsynced, logs and
+    TensorBoard closed, the process group destroyed by the trainer). What the teardown would still do
+    is free C++ objects of torch.distributed in an order it does not control; with gloo that aborted
+    a finished rank now and then ("terminate called without an active exception", SIGABRT, seen in
+    CI after train() had destroyed its group), and torchrun then reports the job failed. Leaving
+    here makes the exit status say what happened. A single process returns and exits normally.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return
+    import logging
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 set_option = click.option(

@@ -6,7 +6,7 @@ import json
 
 import click
 
-from . import set_option, user_errors
+from . import leave_torchrun_worker, set_option, user_errors
 
 
 @click.command()
@@ -48,8 +48,12 @@ def train(config_path: str, overrides: tuple[str, ...], device: str | None, resu
     from ..train.trainer import train as run_training
 
     summary = run_training(config, resume=resume, verbose=not quiet)
-    if summary["rank"] != 0:  # under torchrun, one process reports
-        return
+    if summary["rank"] == 0:  # under torchrun, one process reports
+        _report(summary)
+    leave_torchrun_worker(0)
+
+
+def _report(summary: dict) -> None:
     click.echo(f"run directory: {summary['run_dir']}")
     for label, key in (("before training", "initial_metrics"), ("after training", "val_metrics")):
         for name, values in summary[key].items():

@@ -9,6 +9,7 @@ here only sequences them.
 from __future__ import annotations
 
 import copy
+import gc
 import itertools
 import math
 import sys
@@ -468,6 +469,10 @@ class Trainer:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
+        # The DDP wrappers hold the process group and sit in reference cycles: drop them and collect
+        # now, so nothing keeps the group's C++ threads alive into the interpreter's teardown.
+        self.loss_fn, self._loss_fns = None, {}
+        gc.collect()
         if not (self.owns_group and self.info.enabled and dist.is_initialized()):
             return
         if finished:
@@ -475,6 +480,7 @@ class Trainer:
         elif dist.get_backend() == "nccl":
             return
         dist.destroy_process_group()
+        gc.collect()
 
     def _stopped_error(self) -> TrainingStopped:
         s = self.state
