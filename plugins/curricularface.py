@@ -18,13 +18,13 @@ from torch import nn
 
 from facecore import hookimpl
 from facecore.train.head_batch import HeadBatch
-from facecore_plugins.heads import PI, _apply_to_targets, _check, _compute_dtype, _number, _SinFromCos, _sine_floor
+from facecore_plugins.heads import PI, SCALE, _apply_to_targets, _check, _compute_dtype, _number, _SinFromCos, _sine_floor
 
 SCHEMA = {
     "type": "object",
     "additionalProperties": False,
     "properties": {
-        "scale": _number("Scale s of the logits (the radius of the hypersphere).", 64.0, exclusiveMinimum=0),
+        "scale": SCALE,
         "margin": _number("Additive angular margin m in radians: target logit s*cos(theta + m).", 0.5,
                           minimum=0, exclusiveMaximum=PI / 2),
         "t_alpha": _number("Weight of the current batch's mean target cosine in the running t.", 0.01,

@@ -14,13 +14,13 @@ import torch
 from torch import nn
 
 from facecore import hookimpl
-from facecore_plugins.heads import PI, _apply_to_targets, _check, _compute_dtype, _number, _SinFromCos, _sine_floor
+from facecore_plugins.heads import PI, SCALE, _apply_to_targets, _check, _compute_dtype, _number, _SinFromCos, _sine_floor
 
 SCHEMA = {
     "type": "object",
     "additionalProperties": False,
     "properties": {
-        "scale": _number("Scale s of the logits (the radius of the hypersphere).", 64.0, exclusiveMinimum=0),
+        "scale": SCALE,
         "l_a": _number("Lower end l_a of the feature-norm range; smaller norms are clipped to it.", 10.0,
                        exclusiveMinimum=0),
         "u_a": _number("Upper end u_a of the feature-norm range; larger norms are clipped to it.", 110.0,

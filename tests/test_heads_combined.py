@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import make_tiny_data
+from test_trainer import raw_config
 
 import facecore
 from facecore.core.config import validate_config
@@ -269,18 +270,8 @@ def test_direct_construction_names_every_bad_key():
 # -- (6) a short training run ----------------------------------------------------------------------
 def test_short_training_run_has_a_finite_loss(tmp_path: Path):
     data = make_tiny_data(tmp_path / "tiny")
-    out = tmp_path / "out"
-    config = validate_config({
-        "seed": 7,
-        "device": "cpu",
-        "model": {"backbone": "fastcontextface", "embedding_size": 32, "depths": [1, 1, 1, 1], "dims": [8, 16, 16, 32]},
-        "head": {"type": "combined", "scale": 16, "m2": 0.2},
-        "data": {"root": str(data), "batch_size": 8, "num_workers": 0},
-        "training": {"epochs": 1, "lr": 0.05, "scheduler": "cosine", "warmup_epochs": 0.5, "log_every": 2},
-        "checkpoint": {"save_dir": str(out / "runs")},
-        "logging": {"log_dir": str(out / "logs"), "tensorboard": False},
-        "eval": {"bin_file": "val.bin", "metrics": ["verification"]},
-    })
+    config = raw_config(data, tmp_path / "out", training={"epochs": 1})
+    config = validate_config({**config, "head": {"type": "combined", "scale": 16, "m2": 0.2}})
     assert config["head"]["m1"] == 1.0 and config["head"]["m3"] == 0.0  # the plugin's defaults filled in
     summary = train(config, verbose=False)
     lines = [json.loads(line) for line in (Path(summary["run_dir"]) / "metrics.jsonl").read_text().splitlines()]

@@ -221,7 +221,7 @@ def _rank_main(rank, port, out_dir):
             replicated = MarginClassifier(D, C, elastic(kind=kind, plus=True, sigma=0.2, scale=16.0)).train()
             replicated.load_full_state_dict({"weight": weight})
             replicated.replicas, replicated.draw_key = (rank, 2), KEY
-            logits, _ = replicated.logits(emb[mine], labels[mine], replicated._rows(4))
+            logits, _ = replicated.logits(emb[mine], labels[mine], lambda: replicated._rows(4))
             sharded = ShardedMarginClassifier(D, C, elastic(kind=kind, plus=True, sigma=0.2, scale=16.0)).train()
             sharded.load_full_state_dict({"weight": weight})
             sharded.draw_key = KEY

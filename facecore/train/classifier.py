@@ -13,7 +13,7 @@ sees it, so heads always get (N, classes) cosines. Partial FC samples classes an
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -164,11 +164,12 @@ class _CenterClassifier(nn.Module):
         return index, torch.where(local >= 0, targets, torch.full_like(targets, -1))
 
     def logits(self, embeddings: torch.Tensor, labels: torch.Tensor,
-               rows: tuple[torch.Tensor, int, Any] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               rows: Callable[[], tuple[torch.Tensor, int, Any]] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Margin logits (N, used centers) in float32 and the target column of each row (-1: not here).
 
-        ``rows``: (positions in the global batch, global row count, sum over the ranks holding other
-        rows), for a head that uses a :class:`HeadBatch`; default: these rows are the whole batch.
+        ``rows``: a callable giving (positions in the global batch, global row count, sum over the
+        ranks holding other rows), called only for a head that uses a :class:`HeadBatch`; default:
+        these rows are the whole batch.
         """
         index, targets = self.sample_centers(labels)
         per_class = self.centers_per_class
@@ -186,26 +187,26 @@ class _CenterClassifier(nn.Module):
         return self.head(cosine, targets, norms, batch).float(), targets
 
     def head_batch(self, cosine: torch.Tensor, targets: torch.Tensor,
-                   rows: tuple[torch.Tensor, int, Any] | None) -> HeadBatch:
+                   rows: Callable[[], tuple[torch.Tensor, int, Any]] | None) -> HeadBatch:
         """The :class:`HeadBatch` of these rows; the target cosines come from whichever rank holds the center."""
         owned = (targets >= 0).unsqueeze(1)
         with torch.no_grad():
             target_cosine = cosine.gather(1, targets.clamp(min=0).unsqueeze(1)) * owned
             target_cosine = self.sum_over_shards(target_cosine)
-        if rows is None:
-            n = cosine.shape[0]
-            rows = (torch.arange(n), n, lambda t: t)
-        positions, global_rows, reduce_sum = rows
+        n = cosine.shape[0]
+        positions, global_rows, reduce_sum = rows() if rows is not None else (torch.arange(n), n, lambda t: t)
         return HeadBatch(target_cosine, positions, global_rows, self.draw_key, reduce_sum)
 
     def sum_over_shards(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum over the ranks that hold the other centers (none here: all centers are local)."""
         return tensor
 
-    def head_terms(self, norms: torch.Tensor) -> dict[str, torch.Tensor]:
+    def head_terms(self, embeddings: torch.Tensor) -> dict[str, torch.Tensor]:
         """Loss terms the head adds beside the margin loss (e.g. MagFace's regulariser), named by the head."""
         extra = getattr(self.head, "extra_terms", None)
-        return dict(extra(norms)) if callable(extra) else {}
+        if not callable(extra):
+            return {}
+        return dict(extra(torch.linalg.vector_norm(embeddings.float(), dim=1, keepdim=True)))
 
     # -- checkpoints that do not depend on the number of ranks ---------------------------------
     def full_rows(self, local: torch.Tensor, rank0_only: bool = False) -> torch.Tensor | None:
@@ -296,10 +297,8 @@ class MarginClassifier(_CenterClassifier):
 
     def loss_terms(self, embeddings: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         self._check_inputs(embeddings, labels)
-        rows = self._rows(embeddings.shape[0])
-        logits, targets = self.logits(embeddings, labels, rows)
-        norms = torch.linalg.vector_norm(embeddings.float(), dim=1, keepdim=True)
-        return {"margin": F.cross_entropy(logits, targets), **self.head_terms(norms)}
+        logits, targets = self.logits(embeddings, labels, lambda: self._rows(embeddings.shape[0]))
+        return {"margin": F.cross_entropy(logits, targets), **self.head_terms(embeddings)}
 
 
 class ShardedMarginClassifier(_CenterClassifier):
@@ -341,8 +340,7 @@ class ShardedMarginClassifier(_CenterClassifier):
         if self.world_size == 1:
             self._check_inputs(local_embeddings, local_labels)
             logits, targets = self.logits(local_embeddings, local_labels)
-            norms = torch.linalg.vector_norm(local_embeddings.float(), dim=1, keepdim=True)
-            return {"margin": F.cross_entropy(logits, targets), **self.head_terms(norms)}
+            return {"margin": F.cross_entropy(logits, targets), **self.head_terms(local_embeddings)}
         self._check_shape(local_embeddings)  # the same model on every rank: all raise or none
         if local_labels.numel() != local_embeddings.shape[0]:
             raise DataError(f"rank {self.rank}: {local_labels.numel()} labels for {local_embeddings.shape[0]} embeddings")
@@ -351,13 +349,14 @@ class ShardedMarginClassifier(_CenterClassifier):
         embeddings = _GatherRows.apply(local_embeddings, sizes, self.group, scale)
         labels = _gather_padded(local_labels.reshape(-1).long().to(local_embeddings.device), sizes, self.group)
         self._check_inputs(embeddings, labels)  # the same global labels on every rank: all raise or none
-        # gathered rank-major; rank r's i-th row is global position i * world + r (DistributedSampler's order)
-        positions = torch.cat([torch.arange(n) * self.world_size + r for r, n in enumerate(sizes)])
-        rows = (positions, sum(sizes), lambda t: t)  # every rank holds the whole batch
+        def rows() -> tuple[torch.Tensor, int, Any]:  # every rank holds the whole batch, gathered rank-major:
+            # rank r's i-th row is global position i * world + r (DistributedSampler's order)
+            positions = torch.cat([torch.arange(n) * self.world_size + r for r, n in enumerate(sizes)])
+            return positions, sum(sizes), lambda t: t
+
         logits, targets = self.logits(embeddings, labels, rows)
         terms = {"margin": _DistCrossEntropy.apply(logits, targets, self.group)}
-        norms = torch.linalg.vector_norm(embeddings.float(), dim=1, keepdim=True)
-        for name, term in self.head_terms(norms).items():
+        for name, term in self.head_terms(embeddings).items():
             # the same term on every rank of the same global rows: its gradient reaches the embeddings once per
             # rank through the gather's all-reduce, so each rank passes on 1/world of it (the value stays whole)
             share = term / self.world_size
