@@ -43,11 +43,19 @@ SCHEMA = {
 
 
 def initial_bias(classes: int, scale: float, margin: float, t: float, lambda_pos: float) -> float:
-    """The authors' closed-form initial b for ``classes`` classes per row (SphereFace2-C)."""
+    """The authors' closed-form initial b for ``classes`` classes per row (SphereFace2-C).
+
+    It zeroes the gradient in b of the loss with every cosine 0: with z = lambda / ((1 - lambda)(C - 1))
+    and the logits a_p + b, a_n + b there, b = log(2z) - a_n - log(1 - z + sqrt((1 - z)^2 + 4z e^(a_p - a_n))).
+    For z > 1 (3 classes or fewer at lambda 0.7) that form cancels; the same root is then taken as
+    log((z - 1 + sqrt(...)) / 2) - a_p, which does not.
+    """
     z = lambda_pos / ((1.0 - lambda_pos) * (classes - 1.0))
     base = 2.0 * 0.5**t - 1.0  # g(0)
     a_pos, a_neg = scale * (base - margin), scale * (base + margin)
     root = math.sqrt((1.0 - z) ** 2 + 4.0 * z * math.exp(a_pos - a_neg))
+    if z > 1.0:
+        return math.log((z - 1.0 + root) / 2.0) - a_pos
     return math.log(2.0 * z) - a_neg - math.log(1.0 - z + root)
 
 
