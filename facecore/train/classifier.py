@@ -212,7 +212,7 @@ class _CenterClassifier(nn.Module):
         """The ``margin`` term: softmax cross-entropy of the head's logits, or its own loss.
 
         A head with ``elementwise_loss`` returns (N, columns) loss elements; a row's loss is their sum over
-        every class, so the term is the sum of this process's elements over the N rows, summed over the
+        every class, so the term is the sum of this process's elements divided by N, summed over the
         ranks that hold the other centers. Only the value is summed over ranks: each rank's gradient
         reaches its own columns (its centers, its share of the head's parameters' gradient) and the
         embeddings, whose gradient the sharded gather sums, as with the softmax.
