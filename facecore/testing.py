@@ -178,9 +178,11 @@ def _check_onnx(what: str, model: Any, x: Any, batch_size: int) -> None:
 def check_head(factory: Callable[..., Any], *, num_classes: int = 10, batch_size: int = 6, **options: Any) -> None:
     """Build ``factory(**options)`` and check the head contract.
 
-    ``head(cosine, labels, norms)`` returns finite (N, C) logits with finite gradients, also at
-    cos = +-1 exactly, in float32, bfloat16 and float16; rows labelled -1 (class not among the
-    columns) are accepted; eval mode is deterministic; a state-dict round trip reproduces the outputs.
+    ``head(cosine, labels, norms)`` returns finite (N, C) logits (loss elements for a head with
+    ``elementwise_loss``) with finite gradients, also at cos = +-1 exactly, in float32, bfloat16 and
+    float16; rows labelled -1 (class not among the columns) are accepted; eval mode is deterministic;
+    a state-dict round trip reproduces the outputs. A head with ``configure`` is told ``num_classes``
+    (and sample rate 1) first, as facecore's classifier does.
     """
     import torch
 
@@ -189,7 +191,7 @@ def check_head(factory: Callable[..., Any], *, num_classes: int = 10, batch_size
         raise ValueError("check_head needs batch_size >= 4 and num_classes >= 4")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        head = factory(**options)
+        head = _configured(factory(**options), num_classes)
         cosine = torch.rand(batch_size, num_classes) * 2 - 1
         labels = torch.randint(0, num_classes, (batch_size,))
         labels[-1] = -1
@@ -216,4 +218,12 @@ def check_head(factory: Callable[..., Any], *, num_classes: int = 10, batch_size
             first, second = head(cosine, labels, norms), head(cosine, labels, norms)
         if not torch.equal(first, second):
             _fail(what, "eval mode is not deterministic")
-        _check_round_trip(what, head, factory(**options), (cosine, labels, norms), first)
+        _check_round_trip(what, head, _configured(factory(**options), num_classes), (cosine, labels, norms), first)
+
+
+def _configured(head: Any, num_classes: int) -> Any:
+    """``head`` after the ``configure`` call facecore's classifier makes when it is built (if it has one)."""
+    configure = getattr(head, "configure", None)
+    if callable(configure):
+        configure(num_classes=num_classes, sample_rate=1.0)
+    return head

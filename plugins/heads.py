@@ -92,6 +92,12 @@ def _apply_to_targets(cosine: torch.Tensor, labels: torch.Tensor, fn: Callable[.
     return cosine.scatter(1, index, new)
 
 
+def _target_mask(cosine: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(N, C) bool, True at each row's target column; rows labelled -1 have none here."""
+    labels = labels.reshape(-1, 1).long()
+    return torch.zeros(cosine.shape, dtype=torch.bool, device=cosine.device).scatter_(1, labels.clamp(min=0), labels >= 0)
+
+
 def _sine_floor(dtype: torch.dtype) -> float:
     """sqrt(eps): the smallest nonzero sine that a cosine stored in ``dtype`` can have."""
     return math.sqrt(torch.finfo(dtype).eps)

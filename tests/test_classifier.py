@@ -177,6 +177,8 @@ def test_sharded_without_process_group_is_the_plain_classifier():
 
 # -- 2 processes with gloo ----------------------------------------------------------------------
 D, C, SIZES = 8, 11, [4, 3]  # 11 classes: shards of 6 and 5; uneven local batches
+# softmax heads, and heads with an element-wise loss of their own (summed over the shards) and a learned bias
+SHARDED_HEADS = ("arcface", "adaface", "sphereface2", "uniface")
 
 
 def global_data():
@@ -195,14 +197,16 @@ def _worker(rank, world, port, out_dir):
         weight, emb, labels = global_data()
         lo, hi = sum(SIZES[:rank]), sum(SIZES[: rank + 1])
         results = {}
-        for name in ("arcface", "adaface"):
+        for name in SHARDED_HEADS:
             clf = ShardedMarginClassifier(D, C, head(name)).train()
             clf.load_full_state_dict({"weight": weight, **{f"head.{k}": v for k, v in clf.head.state_dict().items()}})
             local = emb[lo:hi].clone().requires_grad_(True)
             loss = clf(local, labels[lo:hi])
             loss.backward()
+            clf.sync_head_gradients()  # what the trainer does before the step: a head's bias sees every shard
             results[name] = {"loss": loss.detach(), "weight_grad": clf.weight.grad.clone(), "emb_grad": local.grad,
-                             "start": clf.class_start, "count": clf.num_local, "state": clf.full_state_dict()}
+                             "start": clf.class_start, "count": clf.num_local, "state": clf.full_state_dict(),
+                             "head_grads": {k: p.grad.clone() for k, p in clf.head.named_parameters()}}
 
         clf = ShardedMarginClassifier(D, C, head(), ddp_backbone=True).train()
         clf.load_full_state_dict({"weight": weight})
@@ -253,7 +257,7 @@ def two_ranks(tmp_path_factory):
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
 
-@pytest.mark.parametrize("name", ["arcface", "adaface"])
+@pytest.mark.parametrize("name", SHARDED_HEADS)
 def test_two_ranks_match_one_process(two_ranks, name):
     weight, emb, labels = global_data()
     ref = MarginClassifier(D, C, head(name)).train()
@@ -269,6 +273,9 @@ def test_two_ranks_match_one_process(two_ranks, name):
                                    rtol=1e-4, atol=1e-6)
         lo = sum(SIZES[:rank])
         torch.testing.assert_close(r["emb_grad"], e.grad[lo : lo + SIZES[rank]], rtol=1e-4, atol=1e-6)
+        assert r["head_grads"].keys() == {k for k, _ in ref.head.named_parameters()}
+        for key, p in ref.head.named_parameters():
+            torch.testing.assert_close(r["head_grads"][key], p.grad, rtol=1e-4, atol=1e-6)
         # The checkpoint does not depend on the number of ranks: same weight, same head statistics.
         assert set(r["state"]) == set(ref.full_state_dict())
         for key, value in ref.full_state_dict().items():

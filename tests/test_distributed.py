@@ -251,6 +251,8 @@ HEADS = {
     "magface": {"scale": 16.0, "l_a": 0.5, "u_a": 5.0},
     "elasticface": {"scale": 16.0, "margin": 0.2, "plus": True},
     "subcenter_arcface": {"scale": 16.0, "margin": 0.2, "k": 3},  # 3 centers per class, sharded as whole classes
+    "sphereface2": {"scale": 16.0, "loss_weight": 10.0},  # a loss of its own, summed over shards; a learned bias
+    "uniface": {"scale": 16.0, "margin": 0.2},
 }
 HEADS_DRIVER = """
 import json, os, sys

@@ -8,6 +8,11 @@ fit one device; its checkpoints (``full_state_dict``) do not depend on the numbe
 A head may set ``centers_per_class = K`` (default 1; sub-center ArcFace): the classifier then holds K
 centers per class, class-major, and a class's cosine is the largest of its K centers' before the head
 sees it, so heads always get (N, classes) cosines. Partial FC samples classes and keeps all K of each.
+
+A head may set ``elementwise_loss = True`` (SphereFace2, UniFace): it then returns loss elements, one per
+(row, class column), instead of logits, and the ``margin`` term is their sum over every class, averaged
+over the rows. A sum over classes splits over shards: each rank sums its own columns, the values are
+all-reduced and each rank's gradient stays with its own centers (:meth:`margin_loss`).
 """
 
 from __future__ import annotations
@@ -167,6 +172,8 @@ class _CenterClassifier(nn.Module):
                rows: Callable[[], tuple[torch.Tensor, int, Any]] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Margin logits (N, used centers) in float32 and the target column of each row (-1: not here).
 
+        For a head with ``elementwise_loss`` the first tensor holds its loss elements instead of logits.
+
         ``rows``: a callable giving (positions in the global batch, global row count, sum over the
         ranks holding other rows), called only for a head that uses a :class:`HeadBatch`; default:
         these rows are the whole batch.
@@ -200,6 +207,27 @@ class _CenterClassifier(nn.Module):
     def sum_over_shards(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum over the ranks that hold the other centers (none here: all centers are local)."""
         return tensor
+
+    def margin_loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The ``margin`` term: softmax cross-entropy of the head's logits, or its own loss.
+
+        A head with ``elementwise_loss`` returns (N, columns) loss elements; a row's loss is their sum over
+        every class, so the term is the sum of this process's elements divided by N, summed over the
+        ranks that hold the other centers. Only the value is summed over ranks: each rank's gradient
+        reaches its own columns (its centers, its share of the head's parameters' gradient) and the
+        embeddings, whose gradient the sharded gather sums, as with the softmax.
+        """
+        if getattr(self.head, "elementwise_loss", False):
+            return self.sum_loss_over_shards(outputs.sum() / outputs.shape[0])
+        return self.cross_entropy(outputs, targets)
+
+    def cross_entropy(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean softmax cross-entropy; every row's target is among these columns."""
+        return F.cross_entropy(logits, targets)
+
+    def sum_loss_over_shards(self, value: torch.Tensor) -> torch.Tensor:
+        """A loss summed over the ranks holding other centers, the gradient left to each rank's own part."""
+        return value
 
     def head_terms(self, embeddings: torch.Tensor) -> dict[str, torch.Tensor]:
         """Loss terms the head adds beside the margin loss (e.g. MagFace's regulariser), named by the head."""
@@ -298,7 +326,7 @@ class MarginClassifier(_CenterClassifier):
     def loss_terms(self, embeddings: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         self._check_inputs(embeddings, labels)
         logits, targets = self.logits(embeddings, labels, lambda: self._rows(embeddings.shape[0]))
-        return {"margin": F.cross_entropy(logits, targets), **self.head_terms(embeddings)}
+        return {"margin": self.margin_loss(logits, targets), **self.head_terms(embeddings)}
 
 
 class ShardedMarginClassifier(_CenterClassifier):
@@ -306,7 +334,8 @@ class ShardedMarginClassifier(_CenterClassifier):
 
     ``forward(local_embeddings, local_labels)`` all-gathers embeddings (gradient flows back to each
     rank's own) and labels, computes margin logits for this rank's centers and a distributed
-    softmax cross-entropy, and returns the same mean loss on every rank. Do not wrap it in DDP:
+    softmax cross-entropy (or the head's element-wise loss summed over the ranks), and returns the
+    same mean loss on every rank. Do not wrap it in DDP:
     its centers differ per rank. Set ``ddp_backbone=True`` when the backbone is wrapped in
     DistributedDataParallel (which averages gradients over ranks): the embeddings' gradient is
     then multiplied by the world size so the averaged backbone gradient is the global loss's.
@@ -340,7 +369,7 @@ class ShardedMarginClassifier(_CenterClassifier):
         if self.world_size == 1:
             self._check_inputs(local_embeddings, local_labels)
             logits, targets = self.logits(local_embeddings, local_labels)
-            return {"margin": F.cross_entropy(logits, targets), **self.head_terms(local_embeddings)}
+            return {"margin": self.margin_loss(logits, targets), **self.head_terms(local_embeddings)}
         self._check_shape(local_embeddings)  # the same model on every rank: all raise or none
         if local_labels.numel() != local_embeddings.shape[0]:
             raise DataError(f"rank {self.rank}: {local_labels.numel()} labels for {local_embeddings.shape[0]} embeddings")
@@ -355,13 +384,23 @@ class ShardedMarginClassifier(_CenterClassifier):
             return positions, sum(sizes), lambda t: t
 
         logits, targets = self.logits(embeddings, labels, rows)
-        terms = {"margin": _DistCrossEntropy.apply(logits, targets, self.group)}
+        terms = {"margin": self.margin_loss(logits, targets)}
         for name, term in self.head_terms(embeddings).items():
             # the same term on every rank of the same global rows: its gradient reaches the embeddings once per
             # rank through the gather's all-reduce, so each rank passes on 1/world of it (the value stays whole)
             share = term / self.world_size
             terms[name] = share + (term - share).detach()
         return terms
+
+    def cross_entropy(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        if self.world_size == 1:
+            return F.cross_entropy(logits, targets)
+        return _DistCrossEntropy.apply(logits, targets, self.group)
+
+    def sum_loss_over_shards(self, value: torch.Tensor) -> torch.Tensor:
+        if self.world_size == 1:
+            return value
+        return _SumOverRanks.apply(value, self.group)
 
     def sum_over_shards(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.world_size > 1:
@@ -448,6 +487,24 @@ class _GatherRows(torch.autograd.Function):
         if ctx.grad_scale != 1.0:
             mine = mine * ctx.grad_scale
         return mine, None, None, None
+
+
+class _SumOverRanks(torch.autograd.Function):
+    """All-reduce (sum) a loss over the ranks; the backward passes the gradient on unchanged.
+
+    Each rank's part depends only on its own centers (and on the gathered embeddings, whose gather sums
+    the ranks' gradients), so d(total)/d(part) = 1 is the whole of the chain on every rank.
+    """
+
+    @staticmethod
+    def forward(ctx, value: torch.Tensor, group: Any) -> torch.Tensor:
+        total = value.detach().clone().contiguous()
+        dist.all_reduce(total, group=group)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, None
 
 
 class _DistCrossEntropy(torch.autograd.Function):
