@@ -22,6 +22,10 @@ from . import user_errors
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed; the same seed gives the same files.")
 @click.option("--degraded", is_flag=True, help="Also write test_degraded.bin: the same pairs with low-resolution, "
               "off-centre, badly lit images (docs/synthetic-data.md).")
+@click.option("--label-noise", default=0.0, show_default=True, type=click.FloatRange(0, 1, max_open=True),
+              metavar="FRACTION", help="Give this fraction of the training images a wrong identity (the same images "
+              "for the same seed) and list them in train/label_noise.tsv: key, given_label, true_label "
+              "(for 'facecore clean'; docs/synthetic-data.md).")
 @click.option("--force", is_flag=True, help="Regenerate even when OUT_DIR already holds this data, "
               "or write into a non-empty folder.")
 @click.option("--ijb", "ijb_dir", type=click.Path(file_okay=False), metavar="IJB_DIR",
@@ -29,8 +33,8 @@ from . import user_errors
                    "into IJB_DIR/IJBC (loose crops, landmarks, detector scores, template pairs) for 'facecore eval --ijb'.")
 @user_errors
 def demo_data(out_dir: str | None, train_identities: int, images_per_identity: int, test_identities: int,
-              test_images_per_identity: int, pairs: int, seed: int, degraded: bool, force: bool,
-              ijb_dir: str | None) -> None:
+              test_images_per_identity: int, pairs: int, seed: int, degraded: bool, label_noise: float,
+              force: bool, ijb_dir: str | None) -> None:
     """Generate synthetic face identities for the quick start into OUT_DIR.
 
     Writes train/ (train.rec, train.idx, property: data.root for training), test.bin
@@ -53,7 +57,7 @@ def demo_data(out_dir: str | None, train_identities: int, images_per_identity: i
     summary = make_demo_data(
         out_dir, train_identities=train_identities, images_per_identity=images_per_identity,
         test_identities=test_identities, test_images_per_identity=test_images_per_identity,
-        pairs=pairs, seed=seed, force=force, degraded=degraded,
+        pairs=pairs, seed=seed, force=force, degraded=degraded, label_noise=label_noise,
     )
     if summary["reused"]:
         click.echo(f"{out_dir} already holds this demo data (same settings); nothing regenerated (--force to redo).")
@@ -63,6 +67,9 @@ def demo_data(out_dir: str | None, train_identities: int, images_per_identity: i
                f"{summary['train_identities']} identities (train.rec, train.idx, property)")
     click.echo(f"  test pairs    {summary['test_bin']}  {summary['pairs']} pairs from {summary['test_images']} images "
                f"of {summary['test_identities']} held-out identities (list: {summary['test_pairs']})")
+    if label_noise:
+        click.echo(f"  label noise   {summary['label_noise_images']} of {summary['train_images']} training images "
+                   f"carry another identity's label (truth: {summary['label_noise_file']})")
     if degraded:
         click.echo(f"  degraded pairs {summary['test_degraded_bin']}  the same pairs, images degraded "
                    f"(raw-pixel baseline {100 * summary['raw_pixel_accuracy_degraded']:.1f}%)")

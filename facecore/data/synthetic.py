@@ -30,6 +30,8 @@ from ..errors import ConfigError, DataError
 
 GENERATOR_VERSION = 1
 TRAIN_STREAM, TEST_STREAM = 0, 1
+LABEL_NOISE_STREAM = 3  # 2 is degrade.py's
+LABEL_NOISE_FILE = "label_noise.tsv"
 SUPERSAMPLE = 2  # draw at twice the size, then downsample: smooth edges without resampling blur
 
 HAIR_COLOURS = [(25, 20, 20), (55, 38, 28), (105, 70, 42), (140, 62, 30), (205, 170, 105),
@@ -597,8 +599,16 @@ MANIFEST = "manifest.json"
 
 
 def _check_sizes(train_identities: int, images_per_identity: int, test_identities: int,
-                 test_images_per_identity: int, pairs: int) -> None:
+                 test_images_per_identity: int, pairs: int, label_noise: float = 0.0) -> None:
     errors = []
+    count, movable = noisy_count(train_identities, images_per_identity, label_noise), train_identities * (
+        images_per_identity - 1)
+    if not 0 <= label_noise < 1:
+        errors.append(f"label_noise: {label_noise} must be a fraction in [0, 1)")
+    elif count > movable:
+        errors.append(f"label_noise: {label_noise} relabels {count} images, but only {movable} may change (each "
+                      "identity keeps its first image under its own label); lower label_noise or raise "
+                      "images_per_identity")
     if train_identities < 2:
         errors.append(f"train_identities: {train_identities} is too few; margin training needs at least 2 classes")
     if images_per_identity < 1:
@@ -619,22 +629,80 @@ def _check_sizes(train_identities: int, images_per_identity: int, test_identitie
         raise ConfigError(errors, "the demo-data settings")
 
 
+def noisy_count(identities: int, images_per_identity: int, fraction: float) -> int:
+    """How many training images ``fraction`` label noise relabels: the nearest whole number."""
+    return int(round(fraction * identities * images_per_identity))
+
+
+def choose_label_noise(identities: int, images_per_identity: int, fraction: float,
+                       seed: int) -> list[tuple[int, int, int]]:
+    """``(true identity, image index, given identity)`` of the images that get a wrong label, sorted.
+
+    :func:`noisy_count` images are drawn without replacement from every identity's images but
+    its first (so no identity is left without an image), each given another identity drawn
+    uniformly; deterministic from ``seed`` (stream ``LABEL_NOISE_STREAM``).
+    """
+    count = noisy_count(identities, images_per_identity, fraction)
+    if count == 0:
+        return []
+    rng = np.random.default_rng([seed, LABEL_NOISE_STREAM])
+    slots = np.sort(rng.choice(identities * (images_per_identity - 1), size=count, replace=False))
+    true, image = slots // (images_per_identity - 1), slots % (images_per_identity - 1) + 1
+    given = (true + rng.integers(1, identities, size=count)) % identities
+    return [(int(t), int(n), int(g)) for t, n, g in zip(true, image, given)]
+
+
+def noisy_name(true: int, image: int) -> str:
+    """The file name an image relabelled by label noise gets in its given identity's folder."""
+    return f"noisy-{true:05d}-{image:03d}.jpg"
+
+
+def relabel_images(image_dir: Path, noise: list[tuple[int, int, int]]) -> None:
+    """Move each chosen image into its given identity's folder (under :func:`noisy_name`), so packing labels it so."""
+    for true, image, given in noise:
+        os.replace(image_dir / f"{true:05d}" / f"{image:03d}.jpg", image_dir / f"{given:05d}" / noisy_name(true, image))
+
+
+def write_label_noise(image_dir: Path, noise: list[tuple[int, int, int]], path: Path) -> None:
+    """The truth beside a noisy set packed from ``image_dir``: ``key, given_label, true_label`` per relabelled record.
+
+    Keys and labels are the packer's: image ``j`` of :func:`~facecore.data.images.list_image_folder`'s order is
+    record ``j + 1``, and an identity's label is its folder's place among the folders.
+    """
+    from .images import list_image_folder
+
+    classes, items = list_image_folder(image_dir)
+    label = {name: c for c, name in enumerate(classes)}
+    key_of = {(file.parent.name, file.name): key for key, (file, _) in enumerate(items, 1)}
+    rows = sorted((key_of[(f"{given:05d}", noisy_name(true, image))], label[f"{given:05d}"], label[f"{true:05d}"])
+                  for true, image, given in noise)
+    path.write_text("key\tgiven_label\ttrue_label\n" + "".join(f"{k}\t{g}\t{t}\n" for k, g, t in rows))
+
+
+def read_label_noise(path: str | os.PathLike) -> dict[int, tuple[int, int]]:
+    """``{record key: (given label, true label)}`` from a :func:`write_label_noise` file."""
+    rows = Path(path).read_text().splitlines()[1:]
+    return {int(k): (int(g), int(t)) for k, g, t in (row.split("\t") for row in rows if row)}
+
+
 def make_demo_data(out_dir: str | os.PathLike, *, train_identities: int = 500, images_per_identity: int = 20,
                    test_identities: int = 100, test_images_per_identity: int = 10, pairs: int = 3000,
                    seed: int = 0, force: bool = False, workers: int | None = None, progress: bool = True,
-                   degraded: bool = False) -> dict:
+                   degraded: bool = False, label_noise: float = 0.0) -> dict:
     """Generate the quick-start data set under ``out_dir`` and return a summary.
 
     Writes ``train_images/`` (an image folder) packed into ``train/`` (train.rec, train.idx,
     property), held-out identities in ``test_images/`` with a balanced ``test_pairs.txt``
     packed into ``test.bin``, and ``manifest.json``. With ``degraded``, also a low-quality copy
     of the held-out images (``facecore.data.degrade``) in ``test_degraded_images/`` with the same
-    pairs, packed into ``test_degraded.bin``. When the manifest shows the same parameters (and
-    ``force`` is False) nothing is regenerated.
+    pairs, packed into ``test_degraded.bin``. With ``label_noise`` (a fraction), that share of the
+    training images is moved to another identity's folder before packing (:func:`choose_label_noise`)
+    and ``train/label_noise.tsv`` lists them (:func:`write_label_noise`). When the manifest shows the
+    same parameters (and ``force`` is False) nothing is regenerated.
     """
     from .packing import pack_bin, pack_rec
 
-    _check_sizes(train_identities, images_per_identity, test_identities, test_images_per_identity, pairs)
+    _check_sizes(train_identities, images_per_identity, test_identities, test_images_per_identity, pairs, label_noise)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise DataError(f"{out} is a file; demo-data needs a folder to write into")
@@ -642,7 +710,9 @@ def make_demo_data(out_dir: str | os.PathLike, *, train_identities: int = 500, i
               "images_per_identity": images_per_identity, "test_identities": test_identities,
               "test_images_per_identity": test_images_per_identity, "pairs": pairs, "seed": seed,
               "degraded": degraded}
-    outputs = OUTPUTS + (DEGRADED_OUTPUTS if degraded else ())
+    if label_noise:  # only then: manifests written before label noise existed still match
+        params["label_noise"] = label_noise
+    outputs = OUTPUTS + (DEGRADED_OUTPUTS if degraded else ()) + ((f"train/{LABEL_NOISE_FILE}",) if label_noise else ())
     manifest = out / MANIFEST
     old = _read_manifest(manifest)
     if not force and old is not None and old.get("params") == params and all((out / n).exists() for n in outputs):
@@ -665,7 +735,11 @@ def make_demo_data(out_dir: str | os.PathLike, *, train_identities: int = 500, i
 
     n_train = generate_identity_folder(out / "train_images", train_identities, images_per_identity, seed=seed,
                                        stream=TRAIN_STREAM, workers=workers, progress=progress)
+    noise = choose_label_noise(train_identities, images_per_identity, label_noise, seed)
+    relabel_images(out / "train_images", noise)
     packed = pack_rec(out / "train_images", out / "train", progress=progress)
+    if label_noise:
+        write_label_noise(out / "train_images", noise, out / "train" / LABEL_NOISE_FILE)
     n_test = generate_identity_folder(out / "test_images", test_identities, test_images_per_identity, seed=seed,
                                       first_identity=train_identities, stream=TEST_STREAM, workers=workers,
                                       progress=progress)
@@ -683,6 +757,9 @@ def make_demo_data(out_dir: str | os.PathLike, *, train_identities: int = 500, i
         "pairs": n_pairs,
         "raw_pixel_accuracy": raw_pixel_baseline(out / "test.bin"),
     }
+    if label_noise:
+        summary["label_noise_images"] = len(noise)
+        summary["label_noise_file"] = str(out / "train" / LABEL_NOISE_FILE)
     if degraded:
         from .degrade import degrade_folder
 

@@ -250,18 +250,20 @@ def load_trained_backbone(
     checkpoint_path: str | Path,
     config_path: str | Path | None = None,
     overrides: Sequence[str] = (),
+    loaded: Any = None,
 ) -> tuple[Any, dict, Any]:
-    """``(backbone, effective config, loaded checkpoint)`` for eval, predict and export.
+    """``(backbone, effective config, loaded checkpoint)`` for eval, predict, export and clean.
 
     The config comes from ``config_path`` when given, else from the checkpoint (facecore
     checkpoints store it); a bare state dict (InsightFace ``backbone.pth``) needs a config file.
+    ``loaded``: the file already loaded by the caller (so it is read once), else it is loaded here.
     """
     from ..core.build import build_backbone
     from ..core.checkpoint import is_facecore_checkpoint, load_checkpoint
     from ..core.pretrained import load_backbone
     from ..core.config import apply_overrides, load_config, validate_config
 
-    obj = load_checkpoint(checkpoint_path)
+    obj = load_checkpoint(checkpoint_path) if loaded is None else loaded
     if config_path is not None:
         config = load_config(str(config_path), list(overrides))
     elif is_facecore_checkpoint(obj) and isinstance(obj.get("config"), dict):
