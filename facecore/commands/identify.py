@@ -24,22 +24,22 @@ from . import set_option, user_errors
               help="Open-set false positive identification rate: the share of people outside the gallery "
                    "taken for someone in it; sets the threshold below which a face is 'unknown'.")
 @click.option("--top-k", type=click.IntRange(min=1), default=5, show_default=True, help="Matches shown per image.")
-@click.option("--search", type=click.Choice(["exact", "faiss"]), default="exact", show_default=True,
-              help="exact: every gallery row scored (torch); faiss: approximate HNSW search (extra 'faiss'), "
-                   "for very large galleries.")
 @click.option("--device", help="auto, cpu, cuda or cuda:N (default: the config's device).")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 @set_option
 @user_errors
 def identify(images: tuple[str, ...], index_path: str, checkpoint_path: str, config_path: str | None, fpir: float,
-             top_k: int, search: str, device: str | None, as_json: bool, overrides: tuple[str, ...]) -> None:
-    """Find each aligned face image (112x112) in a gallery index: top-k names with cosine scores, or 'unknown'."""
+             top_k: int, device: str | None, as_json: bool, overrides: tuple[str, ...]) -> None:
+    """Find each aligned face image (112x112) in a gallery index: top-k names with cosine scores, or 'unknown'.
+
+    The search is exact (every gallery row scored); docs/deployment-search.md gives its speed by gallery size.
+    """
     from ..eval.gallery_index import fpir_label, load_index
     from ..eval.predictor import Predictor
 
     index = load_index(index_path)  # a damaged index fails before the model is loaded
     predictor = Predictor(config_path, checkpoint_path, device=device, overrides=overrides)
-    results = predictor.identify(list(images), index, fpir=fpir, top_k=top_k, search=search)
+    results = predictor.identify(list(images), index, fpir=fpir, top_k=top_k)
     if as_json:
         out = [{"image": image, "identity": r.identity, "known": r.known, "fpir": fpir, "threshold": r.threshold,
                 "note": r.note or None, "matches": [m.__dict__ for m in r.matches]}

@@ -73,7 +73,7 @@ class Identification:
         """
         if self.threshold is None:
             return None
-        return self.matches[0].score > self.threshold
+        return bool(self.matches) and self.matches[0].score > self.threshold
 
     @property
     def identity(self) -> str | None:
@@ -170,7 +170,8 @@ class GalleryIndex:
         scores, rows = self.search(probes, top_k, method)
         out = []
         for s, r in zip(scores.tolist(), rows.tolist()):
-            matches = [Match(self.names[j], float(v), self.images[j] if self.images else None) for v, j in zip(s, r)]
+            matches = [Match(self.names[j], float(v), self.images[j] if self.images else None)
+                       for v, j in zip(s, r) if j >= 0]  # an approximate search may find fewer than k rows
             out.append(Identification(matches=matches, fpir=fpir, threshold=threshold, note=note))
         return out
 
@@ -212,10 +213,11 @@ class GalleryIndex:
     def save(self, path: str | os.PathLike) -> Path:
         """Write the index atomically: a temporary file next to ``path``, then a rename (a failure leaves no file)."""
         path = Path(path)
-        members = {HEADER: json.dumps(self.header(), indent=1, ensure_ascii=False).encode(),
-                   EMBEDDINGS: _npy(self.embeddings.astype(np.float32, copy=False))}
+        members: dict[str, bytes | np.ndarray] = {
+            HEADER: json.dumps(self.header(), indent=1, ensure_ascii=False).encode(),
+            EMBEDDINGS: self.embeddings.astype(np.float32, copy=False)}
         if self.calibration_scores is not None:
-            members[CALIBRATION] = _npy(self.calibration_scores.astype(np.float32, copy=False))
+            members[CALIBRATION] = self.calibration_scores.astype(np.float32, copy=False)
         write_atomically(path, members)
         self.path = path
         return path
@@ -226,16 +228,9 @@ def _describe_model(model: dict) -> str:
     return f"backbone '{m.get('backbone')}', embedding_size {m.get('embedding_size')}, input {model.get('img_size')}"
 
 
-def _npy(array: np.ndarray) -> bytes:
-    import io
-
-    buf = io.BytesIO()
-    np.lib.format.write_array(buf, np.ascontiguousarray(array), allow_pickle=False)
-    return buf.getvalue()
-
-
-def write_atomically(path: Path, members: dict[str, bytes]) -> None:
-    """A zip of ``members`` (stored, not compressed) at ``path`` via a temporary file and a rename."""
+def write_atomically(path: Path, members: dict[str, bytes | np.ndarray]) -> None:
+    """A zip of ``members`` (bytes, or arrays written as .npy; stored, not compressed) at ``path``, via a
+    temporary file and a rename. Arrays are streamed into the zip: no second copy of a large gallery."""
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -243,7 +238,11 @@ def write_atomically(path: Path, members: dict[str, bytes]) -> None:
         with os.fdopen(fd, "wb") as fh:
             with zipfile.ZipFile(fh, "w", compression=zipfile.ZIP_STORED) as zf:
                 for name, data in members.items():
-                    zf.writestr(name, data)
+                    if isinstance(data, np.ndarray):
+                        with zf.open(name, "w", force_zip64=True) as member:
+                            np.lib.format.write_array(member, np.ascontiguousarray(data), allow_pickle=False)
+                    else:
+                        zf.writestr(name, data)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -285,7 +284,7 @@ def load_index(path: str | os.PathLike) -> GalleryIndex:
     if embeddings.dtype != np.float32 or embeddings.shape != (rows, dim):
         raise DataError(f"{path}: embeddings are {embeddings.dtype} {embeddings.shape}, the header says float32 "
                         f"({rows}, {dim}); {rebuild}")
-    if not np.isfinite(embeddings).all():
+    if not all(np.isfinite(embeddings[i:i + 65536]).all() for i in range(0, rows, 65536)):
         raise DataError(f"{path}: some embeddings are NaN or infinite; {rebuild}")
     for key in ("images", "counts"):
         if header.get(key) is not None and len(header[key]) != rows:
@@ -414,7 +413,10 @@ def build_index(predictor: Any, gallery: str | os.PathLike, *, per_image: bool =
 
 
 def faiss_search(index: GalleryIndex, probes: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Approximate top-k with a faiss HNSW graph over the gallery (inner product), built once per GalleryIndex."""
+    """Approximate top-k with a faiss HNSW graph over the gallery (inner product), built once per GalleryIndex.
+
+    Rows it could not fill (fewer than k found) are -1 with score -inf.
+    """
     try:
         import faiss
     except ImportError:
@@ -426,13 +428,14 @@ def faiss_search(index: GalleryIndex, probes: np.ndarray, k: int) -> tuple[np.nd
         index._faiss = graph
     index._faiss.hnsw.efSearch = max(HNSW_EF_SEARCH, k)
     scores, rows = index._faiss.search(probes, k)
+    scores[rows < 0] = -np.inf
     return scores.astype(np.float32), rows.astype(np.int64)
 
 
 # HNSW parameters: see benchmarks/index_search.py and docs/deployment-search.md for recall and speed.
 HNSW_M = 32
 HNSW_EF_CONSTRUCTION = 80
-HNSW_EF_SEARCH = 64
+HNSW_EF_SEARCH = 128
 
 
 __all__ = ["FPIR_TARGETS", "GalleryIndex", "Identification", "Match", "build_index", "fpir_label", "load_index"]
