@@ -34,9 +34,10 @@ def index() -> None:
 def build(checkpoint_path: str, config_path: str | None, gallery: str, output: str, calibrate: str | None,
           per_image: bool, device: str | None, overrides: tuple[str, ...]) -> None:
     """Embed a gallery folder and write it, with the model's fingerprint, to an index file (json + npy in a zip)."""
-    from ..eval.gallery_index import build_index
+    from ..eval.gallery_index import build_index, check_writable
     from ..eval.predictor import Predictor
 
+    check_writable(output)
     predictor = Predictor(config_path, checkpoint_path, device=device, overrides=overrides)
     idx = build_index(predictor, gallery, per_image=per_image, calibrate=calibrate, progress=True)
     idx.save(output)

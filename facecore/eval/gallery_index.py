@@ -94,7 +94,7 @@ class GalleryIndex:
     counts: list[int] | None = None  # templates: images pooled into each row
     gallery: str = ""  # the folder it was built from
     calibration_scores: np.ndarray | None = None  # best score of each calibration image (non-mated)
-    calibration: dict = field(default_factory=dict)  # source, images, identities of the calibration set
+    calibration: dict = field(default_factory=dict)  # the calibration set: its folder (source), identities
     path: Path | None = None  # the file it was loaded from or saved to
     _faiss: Any = field(default=None, repr=False)
 
@@ -226,6 +226,15 @@ class GalleryIndex:
 def _describe_model(model: dict) -> str:
     m = model.get("model", {}) if isinstance(model, dict) else {}
     return f"backbone '{m.get('backbone')}', embedding_size {m.get('embedding_size')}, input {model.get('img_size')}"
+
+
+def check_writable(path: str | os.PathLike) -> None:
+    """Fail before a long build when ``path`` cannot be written: its nearest existing folder is not writable."""
+    folder = Path(path).resolve().parent
+    while not folder.exists() and folder.parent != folder:
+        folder = folder.parent
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise DataError(f"cannot write {path}: folder {folder} is not writable; choose another --output")
 
 
 def write_atomically(path: Path, members: dict[str, bytes | np.ndarray]) -> None:
@@ -435,7 +444,7 @@ def faiss_search(index: GalleryIndex, probes: np.ndarray, k: int) -> tuple[np.nd
 # HNSW parameters: see benchmarks/index_search.py and docs/deployment-search.md for recall and speed.
 HNSW_M = 32
 HNSW_EF_CONSTRUCTION = 80
-HNSW_EF_SEARCH = 128
+HNSW_EF_SEARCH = 256
 
 
 __all__ = ["FPIR_TARGETS", "GalleryIndex", "Identification", "Match", "build_index", "fpir_label", "load_index"]
