@@ -41,6 +41,8 @@ LAZY_COMMANDS: dict[str, str] = {
     "demo-data": "facecore.commands.demo_data:demo_data",
     "augment-preview": "facecore.commands.augment_preview:augment_preview",
     "clean": "facecore.commands.clean:clean",
+    "index": "facecore.commands.index:index",
+    "identify": "facecore.commands.identify:identify",
 }
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -83,6 +84,7 @@ class Predictor:
         if device and not use_cpu:
             resolve_device(device)  # fail before reading the checkpoint
         backbone, config, ckpt = load_trained_backbone(checkpoint_path, config_path, overrides)
+        self.checkpoint_path = Path(checkpoint_path)
         self.device = torch.device("cpu") if use_cpu else resolve_device(device or config["device"])
         self.backbone = backbone.to(self.device).eval()
         self.config = config
@@ -126,6 +128,36 @@ class Predictor:
                 "(a cosine similarity, e.g. 0.3)"
             )
         return self.predict(a, b) > thr
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """The model's fingerprint (weights + backbone config): what a gallery index is checked against."""
+        from .fingerprint import model_fingerprint
+
+        return model_fingerprint(self.backbone, self.config)
+
+    @property
+    def model_description(self) -> dict:
+        """The backbone config that shapes the embeddings (see :mod:`facecore.eval.fingerprint`)."""
+        from .fingerprint import model_description
+
+        return model_description(self.config)
+
+    def identify(self, images: Any, index: Any, *, fpir: float = 1e-3, top_k: int = 5,
+                 search: str = "exact") -> list:
+        """Who each face is in a gallery index (a ``.fcidx`` path or a loaded GalleryIndex).
+
+        Returns one :class:`~facecore.eval.gallery_index.Identification` per image: the ``top_k`` gallery
+        rows with their cosine scores, and ``known`` / ``identity`` at the index's calibrated threshold for
+        ``fpir`` (None with a ``note`` when the index is uncalibrated or that FPIR not measurable). An index
+        built with another model is refused.
+        """
+        from .gallery_index import GalleryIndex, load_index
+
+        if not isinstance(index, GalleryIndex):
+            index = load_index(index)
+        index.check_model(self.fingerprint, self.model_description, str(self.checkpoint_path))
+        return index.identify(self.embed(images), fpir=fpir, top_k=top_k, method=search)
 
 
 __all__ = ["Predictor", "threshold_from_checkpoint"]
