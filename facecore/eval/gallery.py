@@ -85,13 +85,13 @@ def read_distractor_folder(folder: str | os.PathLike) -> ImageFolder:
     """Every image under ``folder`` (any depth), sorted by path; a missing folder or one without images is a DataError."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise DataError(f"distractor folder not found: {folder}")
+        raise DataError(f"distractors folder not found: {folder}")
     paths = []
     for where, subdirs, files in os.walk(folder):
         subdirs[:] = [d for d in subdirs if not d.startswith(".")]
         paths += [Path(where) / f for f in files if not f.startswith(".") and _is_image(f)]
     if not paths:
-        raise DataError(f"distractor folder {folder} has no .jpg/.jpeg/.png images")
+        raise DataError(f"distractors folder {folder} has no .jpg/.jpeg/.png images")
     paths.sort()
     return ImageFolder("distractors", folder, "distractors", paths, [None] * len(paths))
 
