@@ -159,7 +159,9 @@ def brute_force(scores, probe_ids, gallery_ids, fpir, far, depth):
     return ranks, open_tpir, closed_tpir
 
 
-def test_open_and_closed_set_equal_a_brute_force_on_random_data_with_distractors():
+@pytest.mark.parametrize("chunk", [16, 64])
+def test_open_and_closed_set_equal_a_brute_force_on_random_data_with_distractors(chunk, monkeypatch):
+    monkeypatch.setattr(identification, "BLOCK_BYTES", 4 * 7 * chunk)  # probe blocks of 7 rows
     rng = np.random.default_rng(0)
     gallery_ids = np.r_[rng.integers(0, 12, 40), np.full(25, identification.NO_IDENTITY)]  # several rows per id
     probe_ids = rng.integers(0, 18, 60)  # ids 12..17 are in no gallery row
@@ -167,10 +169,21 @@ def test_open_and_closed_set_equal_a_brute_force_on_random_data_with_distractors
     probes = unit_rows(60, 6, 8)
     fpir = (0.05, 0.1, 0.3)
     _, opened, closed = identification.identify(probes, probe_ids, gallery, gallery_ids, ranks=(1, 3, 10),
-                                                fpir_targets=fpir, chunk=16)
+                                                fpir_targets=fpir, chunk=chunk)
     ranks, open_tpir, closed_tpir = brute_force((probes @ gallery.T).numpy(), probe_ids, gallery_ids, fpir, fpir, 10)
     assert opened.first_mate_rank.tolist() == ranks
     assert opened.ranks[3] == pytest.approx(np.mean([0 < r <= 3 for r in ranks]))
     assert opened.tpir == [pytest.approx(v) if v is not None else None for v in open_tpir]
     assert closed.tpir == pytest.approx(closed_tpir)
     assert opened.nonmated == int((probe_ids >= 12).sum()) and opened.nonmated > 0
+
+
+@pytest.mark.parametrize("rows, cols, count, per_row", [(9, 40, 5, 4), (9, 40, 60, 2), (3, 5, 200, 16), (50, 30, 7, 1)])
+def test_top_values_of_a_block_equal_a_full_sort(rows, cols, count, per_row):
+    rng = np.random.default_rng(rows + count)
+    block = torch.tensor(rng.integers(0, 12, (rows, cols)), dtype=torch.float32)  # many ties
+    block[rng.random((rows, cols)) < 0.2] = -math.inf  # masked pairs
+    kept = torch.tensor(np.sort(rng.integers(0, 12, 6))[::-1].copy(), dtype=torch.float32)
+    got = identification._top_values(kept, block.clone(), count, per_row=per_row)
+    every = torch.cat([kept, block[torch.isfinite(block)]])
+    assert got.tolist() == torch.sort(every, descending=True).values[:count].tolist()

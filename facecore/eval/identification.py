@@ -35,23 +35,51 @@ def _sorted_by_score(scores: torch.Tensor, indices: torch.Tensor) -> tuple[torch
 def _chunk_topk(block: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Top k of each row of a score block with the lowest indices among ties at the k-th score.
 
-    ``torch.topk`` picks any of the tied values at the boundary; rows where more than k scores
-    reach the k-th value (duplicate gallery rows, exact ties) are redone with a stable sort.
+    ``torch.topk`` picks any of the tied values at the boundary. One more value than needed
+    tells where that can happen (the (k+1)-th equals the k-th); only those rows are redone
+    with a stable sort, so the common case costs one topk.
     """
-    values, indices = torch.topk(block, k, dim=1, largest=True, sorted=False)
-    kth = values.min(dim=1, keepdim=True).values
-    tied = (block >= kth).sum(dim=1) > k
-    if bool(tied.any()):
-        rows = torch.nonzero(tied).reshape(-1)
-        order = torch.argsort(block[rows], dim=1, descending=True, stable=True)[:, :k]
-        values[rows] = block[rows].gather(1, order)
-        indices[rows] = order
+    extra = 1 if block.shape[1] > k else 0
+    values, indices = torch.topk(block, k + extra, dim=1, largest=True, sorted=True)
+    if extra:
+        tied = values[:, k - 1] == values[:, k]
+        values, indices = values[:, :k].clone(), indices[:, :k].clone()
+        if bool(tied.any()):
+            rows = torch.nonzero(tied).reshape(-1)
+            order = torch.argsort(block[rows], dim=1, descending=True, stable=True)[:, :k]
+            values[rows] = block[rows].gather(1, order)
+            indices[rows] = order
     return _sorted_by_score(values, indices)
+
+
+def _top_values(kept: torch.Tensor, block: torch.Tensor, count: int, per_row: int = 16) -> torch.Tensor:
+    """The ``count`` largest finite values of ``kept`` (descending) and of every entry of ``block``.
+
+    A flat topk over a 1024 x 65536 block is slow (single-threaded), so each row gives its
+    top ``per_row`` first; those lift a lower bound ``tau`` of the final count-th value, and only
+    rows whose ``per_row``-th value is still above ``tau`` can hold more: those rows give every
+    value above ``tau``. Exact, whatever the data.
+    """
+    c = min(per_row, block.shape[1])
+    tops = torch.topk(block, c, dim=1, sorted=True).values
+    trial = torch.cat([kept, tops.reshape(-1)])
+    trial = trial[torch.isfinite(trial)]
+    tau = torch.topk(trial, count).values[-1] if trial.numel() >= count else None
+    if tau is None:
+        more = torch.ones(block.shape[0], dtype=torch.bool, device=block.device)
+        pool = block[torch.isfinite(block)]
+    else:
+        more = tops[:, c - 1] > tau
+        pool = tops[~more].reshape(-1)
+        pool = torch.cat([pool[pool >= tau], block[more][block[more] > tau]])
+    merged = torch.cat([kept, pool])
+    merged = merged[torch.isfinite(merged)]
+    return torch.topk(merged, min(count, merged.numel())).values
 
 
 @dataclass
 class Search:
-    """One probe set searched against one gallery (see :func:`scan`); tensors on the CPU.
+    """One probe set searched against one gallery (see :func:`scan`); tensors on the probes' device.
 
     ``scores``/``indices`` (P, k): the top k, as :func:`search_topk`; ``mate_scores`` (P,): each
     probe's best score over the gallery rows of its own identity (-inf without one) when ids
@@ -76,6 +104,18 @@ def _merge(kept: tuple[torch.Tensor, torch.Tensor], new: tuple[torch.Tensor, tor
     return scores.gather(1, order), indices.gather(1, order)
 
 
+def _mate_pairs(probe_ids: np.ndarray, gallery_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Every (probe, gallery row) pair of the same identity (rows of NO_IDENTITY belong to nobody)."""
+    order = np.argsort(gallery_ids, kind="stable")
+    sorted_ids = gallery_ids[order]
+    lo = np.searchsorted(sorted_ids, probe_ids, side="left")
+    hi = np.searchsorted(sorted_ids, probe_ids, side="right")
+    counts = np.where(probe_ids == NO_IDENTITY, 0, hi - lo)
+    probes = np.repeat(np.arange(probe_ids.size), counts)
+    starts = np.repeat(lo - np.r_[0, np.cumsum(counts)[:-1]], counts)
+    return probes, order[np.arange(probes.size) + starts]
+
+
 def scan(
     probes: torch.Tensor,
     gallery: torch.Tensor,
@@ -92,8 +132,9 @@ def scan(
     With ``probe_ids``/``gallery_ids`` (integer identities; gallery rows without one, such as
     distractors, carry NO_IDENTITY) each probe's best mate score comes along, and with
     ``pair_top`` the largest non-mated pair scores of the probes in ``pair_rows`` (all by
-    default). Scores are computed once per (probe block, gallery chunk) pair, so the extra
-    numbers cost no second matrix product.
+    default). Scores are computed once per (probe block, gallery chunk), so the extra numbers
+    cost no second matrix product: mate scores are read from the block, then overwritten with
+    -inf for the non-mated pair scores.
     """
     if probes.ndim != 2 or gallery.ndim != 2:
         raise ValueError(f"probes and gallery must be 2-D; got shapes {tuple(probes.shape)} and {tuple(gallery.shape)}")
@@ -104,6 +145,8 @@ def scan(
     if chunk < 1:
         raise ValueError(f"chunk must be positive; got {chunk}")
     with_ids = probe_ids is not None and gallery_ids is not None
+    if pair_top > 0 and not with_ids:
+        raise ValueError("pair_top needs probe_ids and gallery_ids")
     n_probes, n_gallery = probes.shape[0], gallery.shape[0]
     device, dtype = probes.device, probes.dtype
     k = max(0, min(int(k), n_gallery))
@@ -111,23 +154,26 @@ def scan(
     best_indices = torch.empty((n_probes, k), dtype=torch.int64, device=device)
     mates = torch.full((n_probes,), -math.inf, dtype=dtype, device=device) if with_ids else None
     pairs = torch.empty(0, dtype=dtype, device=device) if pair_top > 0 else None
+    skip_rows = None
     if with_ids:
-        probe_ids = torch.as_tensor(np.asarray(probe_ids), device=device).reshape(-1).to(torch.int64)
-        gallery_ids = torch.as_tensor(np.asarray(gallery_ids), device=device).reshape(-1).to(torch.int64)
-        if probe_ids.numel() != n_probes or gallery_ids.numel() != n_gallery:
-            raise ValueError(f"{probe_ids.numel()} probe ids for {n_probes} probes, "
-                             f"{gallery_ids.numel()} gallery ids for {n_gallery} rows")
-    elif pair_top > 0:
-        raise ValueError("pair_top needs probe_ids and gallery_ids")
-    rows = None
-    if pair_top > 0 and pair_rows is not None:
-        rows = torch.as_tensor(np.asarray(pair_rows), device=device).reshape(-1).to(torch.bool)
+        probe_ids = np.asarray(probe_ids.cpu() if isinstance(probe_ids, torch.Tensor) else probe_ids).reshape(-1)
+        gallery_ids = np.asarray(gallery_ids.cpu() if isinstance(gallery_ids, torch.Tensor) else gallery_ids).reshape(-1)
+        if probe_ids.size != n_probes or gallery_ids.size != n_gallery:
+            raise ValueError(f"{probe_ids.size} probe ids for {n_probes} probes, "
+                             f"{gallery_ids.size} gallery ids for {n_gallery} rows")
+        mate_p, mate_g = _mate_pairs(probe_ids.astype(np.int64), gallery_ids.astype(np.int64))
+        if pair_top > 0 and pair_rows is not None:
+            skip_rows = torch.as_tensor(~np.asarray(pair_rows, dtype=bool).reshape(-1), device=device)
     if n_probes == 0 or n_gallery == 0:
         return Search(best_scores, best_indices, mates, pairs)
     chunk = min(chunk, n_gallery)
     block = max(1, min(n_probes, BLOCK_BYTES // (4 * chunk)))
     for p0 in range(0, n_probes, block):
-        p = probes[p0 : p0 + block]
+        p1 = min(p0 + block, n_probes)
+        p = probes[p0:p1]
+        if with_ids:
+            in_block = (mate_p >= p0) & (mate_p < p1)
+            block_p, block_g = mate_p[in_block], mate_g[in_block]
         kept = None
         for g0 in range(0, n_gallery, chunk):
             part = gallery[g0 : g0 + chunk].to(device=device, dtype=dtype)
@@ -136,21 +182,20 @@ def scan(
                 s, i = _chunk_topk(scores, min(k, part.shape[0]))
                 i += g0
                 kept = (s, i) if kept is None else _merge(kept, (s, i), k)
-            if with_ids:
-                same = probe_ids[p0 : p0 + block, None] == gallery_ids[None, g0 : g0 + chunk]
-                mine = scores.masked_fill(~same, -math.inf).amax(dim=1)
-                mates[p0 : p0 + block] = torch.maximum(mates[p0 : p0 + block], mine)
-                if pairs is not None:
-                    others = scores.masked_fill(same, -math.inf)
-                    if rows is not None:
-                        others = others[rows[p0 : p0 + block]]
-                    others = others.reshape(-1)
-                    top = torch.topk(others, min(pair_top, others.numel())).values
-                    pairs = torch.topk(torch.cat([pairs, top]), min(pair_top, pairs.numel() + top.numel())).values
+            if not with_ids:
+                continue
+            here = (block_g >= g0) & (block_g < g0 + part.shape[0])
+            rows = torch.as_tensor(block_p[here] - p0, device=device)
+            cols = torch.as_tensor(block_g[here] - g0, device=device)
+            if rows.numel():
+                mates[p0:p1] = mates[p0:p1].scatter_reduce(0, rows, scores[rows, cols], reduce="amax")
+            if pairs is not None:
+                scores[rows, cols] = -math.inf  # the block is done for ranks: keep only non-mated pairs
+                if skip_rows is not None:
+                    scores[skip_rows[p0:p1]] = -math.inf
+                pairs = _top_values(pairs, scores, pair_top)
         if k:
-            best_scores[p0 : p0 + block], best_indices[p0 : p0 + block] = kept
-    if pairs is not None:
-        pairs = pairs[torch.isfinite(pairs)]  # -inf: the masked mates of a block with fewer pairs than asked
+            best_scores[p0:p1], best_indices[p0:p1] = kept
     return Search(best_scores, best_indices, mates, pairs)
 
 

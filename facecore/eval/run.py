@@ -373,6 +373,8 @@ def json_safe(value: Any) -> Any:
     """NaN/inf become null so the output is strict JSON."""
     if isinstance(value, dict):
         return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
