@@ -299,7 +299,7 @@ def open_set(search: Search, probe_ids: np.ndarray, gallery_ids: np.ndarray, *,
     probe_ids, gallery_ids = np.asarray(probe_ids), np.asarray(gallery_ids)
     mated = np.isin(probe_ids, gallery_ids[gallery_ids != NO_IDENTITY])
     top = search.scores[:, 0].double().cpu().numpy() if search.scores.shape[1] else np.full(probe_ids.size, -np.inf)
-    first = first_mate_ranks(search.indices[torch.from_numpy(mated)], probe_ids[mated], gallery_ids)
+    first = first_mate_ranks(search.indices.cpu()[torch.from_numpy(mated)], probe_ids[mated], gallery_ids)
     curve = cmc(first, max(ranks))
     hit_scores = np.sort(top[mated][first == 1])  # mated probes whose rank-1 row is a mate
     nonmated = np.sort(top[~mated])[::-1]
@@ -358,7 +358,7 @@ def closed_set(search: Search, probe_ids: np.ndarray, gallery_ids: np.ndarray, *
     mate = search.mate_scores.double().cpu().numpy()
     mated = np.isfinite(mate)
     n = int(mated.sum())
-    first = first_mate_ranks(search.indices[torch.from_numpy(mated)], probe_ids[mated], gallery_ids)
+    first = first_mate_ranks(search.indices.cpu()[torch.from_numpy(mated)], probe_ids[mated], gallery_ids)
     curve = cmc(first, max(ranks))
     pairs = search.nonmated_pair_top.double().cpu().numpy()
     tpir, thresholds, pair_ranks = [], [], []
