@@ -1,14 +1,17 @@
-"""The ``ijb`` template set: IJB-B / IJB-C 1:1 verification in the layout InsightFace publishes.
+"""The ``ijb`` template set: IJB-B / IJB-C 1:1 verification and 1:N identification in InsightFace's layout.
 
     <root>/IJBC/meta/ijbc_face_tid_mid.txt         image_name template_id media_id
     <root>/IJBC/meta/ijbc_template_pair_label.txt  template_1 template_2 label (1: same person)
     <root>/IJBC/meta/ijbc_name_5pts_score.txt      image_name x1 y1 ... x5 y5 detector_score
     <root>/IJBC/loose_crop/<image_name>            the loose face crops
 
-(``ijbb_`` files under IJBB/ for IJB-B; ``root`` may also be the IJBC/ folder itself.) Every
-file is read and cross-checked when the set is built, so a missing file, an image without
-landmarks, landmarks for a missing image or a template without images is reported before
-the embedding pass starts. Items are the crops aligned to the ArcFace template.
+    <root>/IJBC/meta/ijbc_1N_gallery_G1.csv, ijbc_1N_gallery_G2.csv, ijbc_1N_probe_mixed.csv
+                                                   TEMPLATE_ID,SUBJECT_ID,... (1:N; header row)
+
+(``ijbb_`` files under IJBB/ for IJB-B, with galleries S1 and S2; ``root`` may also be the IJBC/
+folder itself.) Every file is read and cross-checked when the set is built, so a missing file,
+an image without landmarks, landmarks for a missing image or a template without images is
+reported before the embedding pass starts. Items are the crops aligned to the ArcFace template.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import numpy as np
 from facecore import hookimpl
 from facecore.data.landmarks import listing, read_landmark_file
 from facecore.errors import DataError
+from facecore.eval.ijb_1n import PROTOCOLS, check_1n_templates, meta_files_1n, read_meta_1n
 
 TARGETS = ("IJBC", "IJBB")
 
@@ -36,6 +40,9 @@ SCHEMA = {
         "target": {"enum": list(TARGETS), "default": "IJBC", "description": "Which set: IJBC or IJBB."},
         "img_size": {"type": "integer", "minimum": 8, "default": 112,
                      "description": "Side of the aligned crops (the ArcFace template is scaled to it)."},
+        "protocol": {"enum": ["auto", "1:1", "1:N", "both"], "default": "auto",
+                     "description": "Which meta files to read: 1:1 (pairs), 1:N (galleries and probes), both, or "
+                                    "auto (1:1, and 1:N when its files are there)."},
     },
 }
 
@@ -132,32 +139,56 @@ class IJBTemplateSet:
     """The aligned face images of an IJB set in the order of its face file, and its protocol.
 
     ``templates``, ``medias``, ``scores`` (detector scores) per image; ``pairs`` (P, 2) template
-    ids and ``labels`` (P,) per template pair; ``name`` is the target. An item is
+    ids and ``labels`` (P,) per template pair (none with protocol 1:N); ``galleries`` ({name: (G, 2)})
+    and ``probes`` ((P, 2)): rows of (template id, subject id) for 1:N, or None; ``name`` is the target. An item is
     ``(image, problem)``: the (3, img_size, img_size) crop in [-1, 1] and "" , or a black image
     and a message naming the file when it cannot be read (raised by the evaluator).
     """
 
-    def __init__(self, root: str, target: str = "IJBC", img_size: int = 112):
+    def __init__(self, root: str, target: str = "IJBC", img_size: int = 112, protocol: str = "auto"):
         if target not in TARGETS:
             raise DataError(f"IJB target must be one of {', '.join(TARGETS)}, got {target!r}")
+        if protocol not in PROTOCOLS:
+            raise DataError(f"IJB protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
         self.name = target
         self.img_size = img_size
         self.folder = locate(root, target)
         meta = self.folder / "meta"
-        files = {key: meta / name for key, name in meta_files(target).items()}
+        needed = meta_files(target)
+        if protocol == "1:N":  # the pair list is the 1:1 protocol's
+            del needed["pairs"]
+        files = {key: meta / name for key, name in needed.items()}
         missing = [p.name for p in files.values() if not p.is_file()]
         self.image_dir = self.folder / "loose_crop"
         if not self.image_dir.is_dir():
             missing.append("../loose_crop/")
         if missing:
             raise DataError(f"{meta} lacks {', '.join(missing)}; an {target} folder holds meta/"
-                            + ", meta/".join(meta_files(target).values()) + " and loose_crop/")
+                            + ", meta/".join(needed.values()) + " and loose_crop/")
         self.files = files
         names, self.templates, self.medias = read_face_file(files["faces"])
         self.image_names = names
         self.landmarks, self.scores = self._join_landmarks(names, files["landmarks"])
-        self.pairs, self.labels = read_pair_file(files["pairs"])
-        self._check_pair_templates()
+        if "pairs" in files:
+            self.pairs, self.labels = read_pair_file(files["pairs"])
+            self._check_pair_templates()
+        else:
+            self.pairs, self.labels = np.zeros((0, 2), dtype=np.int64), np.zeros(0, dtype=np.int8)
+        self.galleries, self.probes = self._read_1n(meta, target, protocol)
+
+    def _read_1n(self, meta: Path, target: str, protocol: str):
+        """The 1:N galleries and probes, or (None, None) when the protocol leaves 1:N out."""
+        files = {key: meta / name for key, name in meta_files_1n(target).items()}
+        present = [p for p in files.values() if p.is_file()]
+        if protocol == "1:1" or (protocol == "auto" and not present):
+            return None, None
+        if protocol == "auto" and len(present) < len(files):
+            absent = [p.name for p in files.values() if not p.is_file()]
+            raise DataError(f"{meta} has {', '.join(p.name for p in present)} but lacks {', '.join(absent)}: add "
+                            "the missing 1:N files, or pass --ijb-protocol 1:1 (eval.ijb.protocol) to skip 1:N")
+        galleries, probes = read_meta_1n(meta, target)
+        check_1n_templates(galleries, probes, np.unique(self.templates), files, self.files["faces"])
+        return galleries, probes
 
     def _join_landmarks(self, names: list[str], path: Path) -> tuple[np.ndarray, np.ndarray]:
         """Landmarks and detector scores in face-file order; every image needs one, every landmark an image."""
@@ -221,4 +252,4 @@ class IJBTemplateSet:
 @hookimpl
 def register_datasets(register):
     register("ijb", IJBTemplateSet, schema=SCHEMA,
-             description="IJB-B/IJB-C 1:1 template set (InsightFace layout: meta/*.txt + loose_crop/), aligned by its 5 landmarks")
+             description="IJB-B/IJB-C template set, 1:1 and 1:N (InsightFace layout: meta/ + loose_crop/), aligned by its 5 landmarks")

@@ -83,3 +83,107 @@ def test_open_set_threshold_with_tied_scores_stays_within_the_target():
     t = open_set_threshold(top, 0.5)  # m = 2: the third score, 0.5; nothing is strictly above it
     assert t == 0.5 and (top > t).mean() == 0.0
     assert open_set_threshold(np.full(1000, 0.3), 1e-3) == 0.3
+
+
+# ----------------------------------------------------------------------------- open and closed set by hand
+# Gallery rows are the unit vectors e0, e1, e2 of identities 10, 20, 30, so a probe's scores are its own
+# coordinates: the table below is the score matrix.
+GALLERY_IDS = np.array([10, 20, 30])
+HAND = [  # identity, scores against (10, 20, 30)
+    (10, [0.90, 0.40, 0.10]),  # mated, rank 1
+    (20, [0.35, 0.88, 0.20]),  # mated, rank 1
+    (10, [0.55, 0.60, 0.30]),  # mated, rank 2
+    (30, [0.20, 0.10, 0.70]),  # mated, rank 1, top score 0.70
+    (99, [0.50, 0.45, 0.10]),  # non-mated, top 0.50
+    (98, [0.30, 0.25, 0.70]),  # non-mated, top 0.70: ties with the mated probe above
+    (97, [0.20, 0.10, 0.15]),  # non-mated, top 0.20
+    (96, [0.80, 0.10, 0.10]),  # non-mated, top 0.80
+]
+
+
+def hand_search(**kw):
+    probe_ids = np.array([i for i, _ in HAND])
+    probes = torch.tensor([s for _, s in HAND], dtype=torch.float32)
+    return probe_ids, identification.identify(probes, probe_ids, torch.eye(3), GALLERY_IDS, ranks=(1, 2, 5), **kw)
+
+
+def test_open_set_by_hand():
+    _, (found, opened, _) = hand_search(fpir_targets=(0.1, 0.25, 0.5, 1.0))
+    assert (opened.mated, opened.nonmated, opened.gallery) == (4, 4, 3)
+    assert opened.ranks == {1: 0.75, 2: 1.0, 5: 1.0}  # rank 5 > gallery size reads the end of the CMC
+    assert opened.first_mate_rank.tolist() == [1, 1, 2, 1]
+    # non-mated top scores 0.8, 0.7, 0.5, 0.2. FPIR 0.1 < 1/4: not measurable. FPIR 0.25: one alarm allowed,
+    # threshold 0.7, and the mated probe at exactly 0.7 is not above it; FPIR 0.5: threshold 0.5.
+    assert opened.thresholds == [None, pytest.approx(0.7), pytest.approx(0.5), -math.inf]
+    assert opened.tpir == [None, 0.5, 0.75, 0.75]
+    # the curve: every non-mated top score as threshold, then below all of them
+    np.testing.assert_allclose(opened.curve_fpir, [0.0, 0.25, 0.5, 0.75, 1.0])
+    np.testing.assert_allclose(opened.curve_tpir, [0.5, 0.5, 0.75, 0.75, 0.75])
+    assert found.indices[2].tolist()[:2] == [1, 0]
+
+
+def test_closed_set_by_hand():
+    _, (found, _, closed) = hand_search(fpir_targets=(0.1, 0.25, 0.5, 1.0))
+    assert (closed.probes, closed.excluded) == (4, 4)  # the non-mated probes are left out
+    assert closed.ranks == {1: 0.75, 2: 1.0, 5: 1.0}
+    # non-mated pairs of the mated probes: 0.60 0.40 0.35 0.30 0.20 0.20 0.10 0.10; mate scores 0.90 0.88 0.55 0.70
+    assert closed.pair_ranks == [1, 1, 2, 4]  # ceil(4 probes x FAR)
+    assert closed.thresholds == [pytest.approx(0.6), pytest.approx(0.6), pytest.approx(0.4), pytest.approx(0.3)]
+    assert closed.tpir == [0.75, 0.75, 1.0, 1.0]
+    assert found.mate_scores.tolist() == pytest.approx([0.9, 0.88, 0.55, 0.7, -math.inf, -math.inf, -math.inf,
+                                                        -math.inf])
+
+
+def brute_force(scores, probe_ids, gallery_ids, fpir, far, depth):
+    """The definitions again, probe by probe with Python loops, from a full score matrix."""
+    mated_rows = [i for i, p in enumerate(probe_ids) if p in set(gallery_ids[gallery_ids >= 0].tolist())]
+    order = [sorted(range(len(gallery_ids)), key=lambda j: (-scores[i, j], j)) for i in range(len(probe_ids))]
+    ranks = []
+    for i in mated_rows:
+        where = [r for r, j in enumerate(order[i][:depth]) if gallery_ids[j] == probe_ids[i]]
+        ranks.append(where[0] + 1 if where else 0)
+    non = sorted((scores[i, order[i][0]] for i in range(len(probe_ids)) if i not in mated_rows), reverse=True)
+    open_tpir = []
+    for f in fpir:
+        candidates = [t for t in non if sum(s > t for s in non) <= f * len(non)]
+        if f * len(non) < 1:
+            open_tpir.append(None)
+            continue
+        t = min(candidates)
+        open_tpir.append(sum(1 for i, r in zip(mated_rows, ranks) if r == 1 and scores[i, order[i][0]] > t)
+                         / len(mated_rows))
+    pair = sorted((scores[i, j] for i in mated_rows for j in range(len(gallery_ids))
+                   if gallery_ids[j] != probe_ids[i]), reverse=True)
+    mate = [max(scores[i, j] for j in range(len(gallery_ids)) if gallery_ids[j] == probe_ids[i]) for i in mated_rows]
+    closed_tpir = [sum(m > pair[math.ceil(len(mated_rows) * f) - 1] for m in mate) / len(mate) for f in far]
+    return ranks, open_tpir, closed_tpir
+
+
+@pytest.mark.parametrize("chunk", [16, 64])
+def test_open_and_closed_set_equal_a_brute_force_on_random_data_with_distractors(chunk, monkeypatch):
+    monkeypatch.setattr(identification, "BLOCK_BYTES", 4 * 7 * chunk)  # probe blocks of 7 rows
+    rng = np.random.default_rng(0)
+    gallery_ids = np.r_[rng.integers(0, 12, 40), np.full(25, identification.NO_IDENTITY)]  # several rows per id
+    probe_ids = rng.integers(0, 18, 60)  # ids 12..17 are in no gallery row
+    gallery = unit_rows(65, 6, 7)
+    probes = unit_rows(60, 6, 8)
+    fpir = (0.05, 0.1, 0.3)
+    _, opened, closed = identification.identify(probes, probe_ids, gallery, gallery_ids, ranks=(1, 3, 10),
+                                                fpir_targets=fpir, chunk=chunk)
+    ranks, open_tpir, closed_tpir = brute_force((probes @ gallery.T).numpy(), probe_ids, gallery_ids, fpir, fpir, 10)
+    assert opened.first_mate_rank.tolist() == ranks
+    assert opened.ranks[3] == pytest.approx(np.mean([0 < r <= 3 for r in ranks]))
+    assert opened.tpir == [pytest.approx(v) if v is not None else None for v in open_tpir]
+    assert closed.tpir == pytest.approx(closed_tpir)
+    assert opened.nonmated == int((probe_ids >= 12).sum()) and opened.nonmated > 0
+
+
+@pytest.mark.parametrize("rows, cols, count, per_row", [(9, 40, 5, 4), (9, 40, 60, 2), (3, 5, 200, 16), (50, 30, 7, 1)])
+def test_top_values_of_a_block_equal_a_full_sort(rows, cols, count, per_row):
+    rng = np.random.default_rng(rows + count)
+    block = torch.tensor(rng.integers(0, 12, (rows, cols)), dtype=torch.float32)  # many ties
+    block[rng.random((rows, cols)) < 0.2] = -math.inf  # masked pairs
+    kept = torch.tensor(np.sort(rng.integers(0, 12, 6))[::-1].copy(), dtype=torch.float32)
+    got = identification._top_values(kept, block.clone(), count, per_row=per_row)
+    every = torch.cat([kept, block[torch.isfinite(block)]])
+    assert got.tolist() == torch.sort(every, descending=True).values[:count].tolist()

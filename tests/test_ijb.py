@@ -264,7 +264,7 @@ def invoke(*args: str):
 def test_eval_ijb_end_to_end(run_dir, ijb_root):
     feats = run_dir / "features"
     result = invoke("--checkpoint", str(run_dir / "best.pth"), "--ijb", str(ijb_root), "--save-features", str(feats),
-                    "--json")
+                    "--ijb-protocol", "1:1", "--json")
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     numbers = report["results"]["IJBC"]
@@ -349,6 +349,7 @@ def test_demo_data_ijb(monkeypatch, tmp_path):
 def test_ijbb_layout(tmp_path):
     summary = make_ijb_data(tmp_path, target="IJBB", identities=2, templates_per_identity=2, seed=1, progress=False)
     assert sorted(p.name for p in (tmp_path / "IJBB" / "meta").iterdir()) == [
+        "ijbb_1N_gallery_S1.csv", "ijbb_1N_gallery_S2.csv", "ijbb_1N_probe_mixed.csv",
         "ijbb_face_tid_mid.txt", "ijbb_name_5pts_score.txt", "ijbb_template_pair_label.txt"]
     data = facecore.create("datasets", "ijb", root=str(tmp_path), target="IJBB")
     assert data.name == "IJBB" and len(data) == summary["images"] and data.labels.tolist().count(1) == 2

@@ -30,7 +30,8 @@ from . import user_errors
               "or write into a non-empty folder.")
 @click.option("--ijb", "ijb_dir", type=click.Path(file_okay=False), metavar="IJB_DIR",
               help="Also (or, without OUT_DIR, only) write a small synthetic IJB-C set in the published layout "
-                   "into IJB_DIR/IJBC (loose crops, landmarks, detector scores, template pairs) for 'facecore eval --ijb'.")
+                   "into IJB_DIR/IJBC (loose crops, landmarks, detector scores, template pairs, 1:N galleries G1/G2 and "
+                   "probes) for 'facecore eval --ijb'.")
 @user_errors
 def demo_data(out_dir: str | None, train_identities: int, images_per_identity: int, test_identities: int,
               test_images_per_identity: int, pairs: int, seed: int, degraded: bool, label_noise: float,
@@ -49,7 +50,8 @@ def demo_data(out_dir: str | None, train_identities: int, images_per_identity: i
 
         ijb = make_ijb_data(ijb_dir, seed=seed, force=force)
         click.echo(f"  IJB-C layout  {ijb['folder']}/  {ijb['images']} loose crops of {ijb['identities']} identities, "
-                   f"{ijb['templates']} templates, {ijb['pairs']} pairs ({ijb['genuine']} genuine)")
+                   f"{ijb['templates']} templates, {ijb['pairs']} pairs ({ijb['genuine']} genuine); 1:N: "
+                   f"{ijb['gallery_templates']} gallery templates (G1 + G2), {ijb['probe_templates']} probes")
     if out_dir is None:
         return
     from ..data.synthetic import make_demo_data

@@ -122,8 +122,11 @@ def pair_set_names(paths: list[str]) -> list[str]:
     return names
 
 
-def _build_reader(config: dict, slot_path: str, **options: Any) -> Any:
-    """The dataset a ``name`` slot names, after checking it reads what the slot needs."""
+def _build_reader(config: dict, slot_path: str, optional: dict | None = None, **options: Any) -> Any:
+    """The dataset a ``name`` slot names, after checking it reads what the slot needs.
+
+    ``optional`` options (and ``img_size``) are passed only to a plugin whose schema declares them.
+    """
     _, slot = slot_at(slot_path)
     reg = slot_entries(config, slot_path)[0].reg
     problem = reader_problem(slot, reg)
@@ -131,6 +134,7 @@ def _build_reader(config: dict, slot_path: str, **options: Any) -> Any:
         raise PluginError(problem)
     if "img_size" in reg.options:
         options["img_size"] = config["data"]["img_size"]
+    options.update({k: v for k, v in (optional or {}).items() if k in reg.options and v is not None})
     return create("datasets", reg.name, **options)
 
 
@@ -139,9 +143,12 @@ def build_pair_set(config: dict, path: str) -> Any:
     return _build_reader(config, "eval.dataset", path=path)
 
 
-def build_template_set(config: dict, root: str, target: str) -> Any:
-    """The IJB-style template set at ``root`` read by the ``eval.ijb.dataset`` plugin."""
-    return _build_reader(config, "eval.ijb.dataset", root=root, target=target)
+def build_template_set(config: dict, root: str, target: str, protocol: str | None = None) -> Any:
+    """The IJB-style template set at ``root`` read by the ``eval.ijb.dataset`` plugin.
+
+    ``protocol`` (auto, 1:1, 1:N, both) reaches plugins that declare it, so they read only the files it needs.
+    """
+    return _build_reader(config, "eval.ijb.dataset", optional={"protocol": protocol}, root=root, target=target)
 
 
 def build_metrics(config: dict) -> list[tuple[str, Callable[..., dict]]]:

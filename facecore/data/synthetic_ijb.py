@@ -5,7 +5,11 @@ crop, then placed into a bigger "loose crop" by a random similarity transform (s
 rotation, shift) over a random background. Its landmarks are the ArcFace template points
 mapped through that transform, so aligning the loose crop gives back the rendered face;
 each gets a random detector score. Identities have a few templates, a template 1-3 medias,
-a media 1-3 images; the pairs are every pair of templates (same identity: label 1).
+a media 1-3 images; the pairs are every pair of templates (same identity: label 1). The 1:N
+files follow IJB-C's design: each identity's first template is its gallery template, in G1
+for even and G2 for odd identities (S1/S2 for IJB-B), and its other templates are probes, so
+each gallery has mated and non-mated probes. They are written like NIST's originals: a header,
+one row per image, TEMPLATE_ID,SUBJECT_ID,FILENAME.
 Deterministic from the seed; numpy + Pillow only.
 """
 
@@ -85,16 +89,19 @@ def make_ijb_data(
     rng = np.random.default_rng([seed, IJB_STREAM])
     faces, landmark_lines, pair_lines = [], [], []
     template_ids, owner = [], []
+    one_to_n: dict[str, list[str]] = {}  # 1:N file -> rows
     media_id, medias, image_no = 0, 0, 0
     from tqdm import tqdm
 
     bar = tqdm(total=identities, desc="IJB identities", unit="id", disable=not progress or not sys.stderr.isatty())
+    files_1n = _files_1n(target)
     for person in range(identities):
         ident = random_identity(np.random.default_rng([seed, IJB_STREAM, person]))
-        for _ in range(templates_per_identity):
+        for which in range(templates_per_identity):
             tid = 1 + len(template_ids) * 3 + int(rng.integers(0, 3))  # sparse ids, as in the real files
             template_ids.append(tid)
             owner.append(person)
+            rows_1n = one_to_n.setdefault(files_1n[person % 2] if which == 0 else files_1n[2], [])
             for _ in range(int(rng.integers(1, 4))):
                 media_id += 1 + int(rng.integers(0, 2))  # sparse ids
                 medias += 1
@@ -105,6 +112,7 @@ def make_ijb_data(
                     name = f"{image_no}.jpg"
                     (crops / name).write_bytes(encode_jpeg(Image.fromarray(crop), quality=95))
                     faces.append(f"{name} {tid} {media_id}")
+                    rows_1n.append(f"{tid},{person + 1},{name}")
                     score = rng.uniform(0.4, 1.0)
                     landmark_lines.append(f"{name} " + " ".join(f"{v:.3f}" for v in points.ravel()) + f" {score:.4f}")
         bar.update(1)
@@ -117,9 +125,19 @@ def make_ijb_data(
     (meta / f"{prefix}_face_tid_mid.txt").write_text("\n".join(faces) + "\n")
     (meta / f"{prefix}_name_5pts_score.txt").write_text("\n".join(landmark_lines) + "\n")
     (meta / f"{prefix}_template_pair_label.txt").write_text("\n".join(pair_lines[i] for i in order) + "\n")
+    for file_name in files_1n:
+        (meta / file_name).write_text("TEMPLATE_ID,SUBJECT_ID,FILENAME\n" + "\n".join(one_to_n.get(file_name, [])) + "\n")
     genuine = sum(1 for line in pair_lines if line.endswith(" 1"))
     return {"folder": str(folder), "identities": identities, "templates": len(template_ids), "medias": medias,
-            "images": image_no, "pairs": len(pair_lines), "genuine": genuine}
+            "images": image_no, "pairs": len(pair_lines), "genuine": genuine,
+            "gallery_templates": identities, "probe_templates": len(template_ids) - identities}
+
+
+def _files_1n(target: str) -> tuple[str, str, str]:
+    """The two gallery files and the probe file of a target's 1:N protocol (names as facecore.eval.ijb_1n reads)."""
+    prefix, galleries = target.lower(), ("G1", "G2") if target == "IJBC" else ("S1", "S2")
+    return (f"{prefix}_1N_gallery_{galleries[0]}.csv", f"{prefix}_1N_gallery_{galleries[1]}.csv",
+            f"{prefix}_1N_probe_mixed.csv")
 
 
 __all__ = ["IJB_STREAM", "loose_crop", "make_ijb_data"]

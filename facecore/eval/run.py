@@ -1,9 +1,10 @@
-"""Evaluation as a library: a checkpoint on .bin pair sets and IJB-B/C template sets, as a result object.
+"""Evaluation as a library: a checkpoint on .bin pair sets, IJB-B/C template sets (1:1 and 1:N) and folder
+galleries (1:N), as a result object.
 
 ``evaluate(...)`` (``facecore.evaluate``) embeds and scores every set and returns an
 :class:`Evaluation`: per set its metrics, its ROC and where its files go. ``Evaluation.write()``
-writes the result files (``test_result_<name>_<time>.txt/.json``, one ROC PNG per set,
-TensorBoard); ``facecore eval`` is ``evaluate`` + ``write`` + printing.
+writes the result files (``test_result_<name>_<time>.txt/.json``, one ROC PNG per verification
+set, a CMC and a TPIR-vs-FPIR PNG per identification set, TensorBoard); ``facecore eval`` is ``evaluate`` + ``write`` + printing.
 
 No torch import at module level (``facecore --help`` imports the eval command).
 """
@@ -33,12 +34,14 @@ class SetResult:
     """One evaluated set: its metrics, its ROC (None without both kinds of pairs) and its ROC plot's path."""
 
     name: str
-    kind: str  # "pairs" (.bin) or "ijb" (template set)
+    kind: str  # "pairs" (.bin), "ijb" (template set, 1:1) or "identification" (IJB 1:N, folder galleries)
     metrics: dict[str, float]
     roc: Any = None  # evaluation.RocCurve
     plot: Path | None = None  # written by Evaluation.write()
     ijb: Any = None  # ijb.IJBResult for template sets
     warnings: list[str] = field(default_factory=list)
+    identification: Any = None  # identification_report.IdentificationResult
+    plots: list[Path] = field(default_factory=list)  # the CMC and TPIR PNGs, written by Evaluation.write()
 
 
 @dataclass
@@ -82,12 +85,17 @@ class Evaluation:
         ijb = [s for s in self.sets if s.ijb is not None]
         if ijb:
             out["ijb"] = {s.name: ijb_report(s.ijb, self.config["eval"]["ijb"]) for s in ijb}
+        found = [s for s in self.sets if s.identification is not None]
+        if found:
+            out["identification"] = {s.name: s.identification.report() for s in found}
+            out["identification_plots"] = {s.name: [str(p) for p in s.plots] for s in found if s.plots}
         return out
 
     def table(self) -> str:
         """The printed result: one table of the pair sets, one per IJB set."""
-        pairs = {s.name: s.metrics for s in self.sets if s.ijb is None}
+        pairs = {s.name: s.metrics for s in self.sets if s.kind == "pairs"}
         tables = ([format_table(pairs)] if pairs else []) + [format_ijb_table(s.ijb) for s in self.sets if s.ijb]
+        tables += [s.identification.table() for s in self.sets if s.identification is not None]
         return "\n\n".join(tables)
 
     def write(self) -> list[Path]:
@@ -101,6 +109,9 @@ class Evaluation:
                 continue
             s.plot = self.log_dir / f"roc_{self.name}_{s.name}_{self.timestamp}.png"
             images[s.name] = plot_roc({s.name: s.roc}, s.plot, title=f"ROC of {self.name} on {s.name}")
+        for s in self.sets:
+            if s.identification is not None:
+                s.plots = s.identification.plot(self.log_dir, f"{self.name}_{s.name}_{self.timestamp}")
         header = (f"# facecore eval of {self.checkpoint} ({self.config['model']['backbone']}) on {self.device}, "
                   f"{self.timestamp}: {', '.join(self.results)}")
         txt, js = Path(f"{self.base}.txt"), Path(f"{self.base}.json")
@@ -117,7 +128,7 @@ class Evaluation:
                     board.image(f"roc/{set_name}", image, self.step or 0)
             finally:
                 board.close()
-        return [txt, js, *(s.plot for s in self.sets if s.plot is not None)]
+        return [txt, js, *(s.plot for s in self.sets if s.plot is not None), *(p for s in self.sets for p in s.plots)]
 
 
 def evaluate(
@@ -127,6 +138,11 @@ def evaluate(
     bins: Sequence[str | Path] = (),
     ijb_root: str | Path | None = None,
     ijb_target: str | None = None,
+    ijb_protocol: str | None = None,
+    gallery: str | Path | None = None,
+    probe: str | Path | None = None,
+    distractors: str | Path | None = None,
+    per_image: bool = False,
     overrides: Sequence[str] = (),
     name: str | None = None,
     batch_size: int | None = None,
@@ -136,13 +152,16 @@ def evaluate(
     say: Say | None = None,
     warn: Say | None = None,
 ) -> Evaluation:
-    """Evaluate a checkpoint: verification metrics on .bin pair sets, the IJB 1:1 protocol on template sets.
+    """Evaluate a checkpoint: verification on .bin pair sets, IJB 1:1 and 1:N on template sets, 1:N on folders.
 
-    With ``bins`` or ``ijb_root`` only those sets; with neither, ``eval.bin_file`` and
+    With ``bins``, ``ijb_root`` or ``gallery`` only those sets; with none, ``eval.bin_file`` and
     ``eval.ijb.root`` of the config (``config``, a YAML path, defaults to the one stored in the
-    checkpoint). ``save_features`` writes the IJB image and template features and pair scores as
-    .npy files. ``say`` gets progress lines, ``warn`` warnings and notes (both silent by default).
-    Nothing else is written: call ``.write()`` on the result for the result files.
+    checkpoint). ``ijb_protocol`` (default ``eval.ijb.protocol``): 1:1, 1:N, both, or auto (1:1,
+    and 1:N when its meta files are there). ``gallery``/``probe`` (both or neither) and
+    ``distractors`` are image folders (facecore.eval.gallery); ``per_image`` keeps one gallery
+    entry and one probe per image instead of one template per identity. ``save_features`` writes
+    features, scores and ranks as .npy files. ``say`` gets progress lines, ``warn`` warnings and
+    notes (both silent by default). Nothing else is written: call ``.write()`` on the result.
     """
     from ..core.build import build_metrics, pair_set_names, pair_set_paths
     from .evaluation import load_trained_backbone, resolve_device
@@ -151,14 +170,21 @@ def evaluate(
     if device:
         resolve_device(device)  # a bad device fails before the checkpoint is read
     backbone, cfg, ckpt = load_trained_backbone(checkpoint, config, overrides)
-    explicit = bool(bins or ijb_root)
+    if bool(gallery) != bool(probe):
+        raise ConfigError(["--gallery and --probe go together: pass both folders (and --distractors DIR if any)"])
+    if (distractors or per_image) and not gallery:
+        raise ConfigError(["--distractors and --per-image belong to a folder gallery: pass --gallery DIR and "
+                           "--probe DIR too"])
+    explicit = bool(bins or ijb_root or gallery)
     paths = [str(b) for b in bins] if explicit else pair_set_paths(cfg)
     ijb_root = ijb_root or (None if explicit else cfg["eval"]["ijb"]["root"])
-    if not paths and not ijb_root:
-        raise ConfigError(["nothing to evaluate: pass --bin FILE.bin or --ijb ROOT, or set eval.bin_file "
-                           "(or eval.ijb.root) in the config"])
-    if save_features and not ijb_root:
-        raise ConfigError(["--save-features writes IJB features: pass --ijb ROOT (or set eval.ijb.root) too"])
+    if not paths and not ijb_root and not gallery:
+        raise ConfigError(["nothing to evaluate: pass --bin FILE.bin, --ijb ROOT or --gallery DIR --probe DIR, "
+                           "or set eval.bin_file (or eval.ijb.root) in the config"])
+    if save_features and not (ijb_root or gallery):
+        raise ConfigError(["--save-features writes IJB or gallery features: pass --ijb ROOT (or set eval.ijb.root) "
+                           "or --gallery DIR --probe DIR too"])
+    protocol = ijb_protocol or cfg["eval"]["ijb"]["protocol"]
     for p in paths:
         if not Path(p).is_file():
             raise DataError(f"pair set not found: {p} (from {'--bin' if bins else 'eval.bin_file'})")
@@ -177,10 +203,13 @@ def evaluate(
         for set_name, path in zip(pair_set_names(paths), paths):
             result.sets.append(evaluate_bin(backbone, cfg, set_name, path, metrics, batch, dev, num_workers or 0,
                                             say, warn))
+    workers = cfg["data"]["num_workers"] if num_workers is None else num_workers
     if ijb_root:
-        workers = cfg["data"]["num_workers"] if num_workers is None else num_workers
-        result.sets.append(evaluate_ijb(backbone, cfg, str(ijb_root), ijb_target or cfg["eval"]["ijb"]["target"],
-                                        batch, dev, workers, save_features, result.features, say, warn))
+        result.sets += evaluate_ijb(backbone, cfg, str(ijb_root), ijb_target or cfg["eval"]["ijb"]["target"],
+                                    batch, dev, workers, save_features, result.features, say, warn, protocol=protocol)
+    if gallery:
+        result.sets.append(evaluate_gallery(backbone, cfg, gallery, probe, distractors, per_image, batch, dev,
+                                            workers, save_features, result.features, say, warn))
     return result
 
 
@@ -208,31 +237,78 @@ def evaluate_bin(backbone: Any, config: dict, set_name: str, path: str, metrics:
 
 def evaluate_ijb(backbone: Any, config: dict, root: str, target: str, batch: int, dev: Any, num_workers: int,
                  save_features: str | Path | None, saved: list[str], say: Say = _quiet,
-                 warn: Say = _quiet) -> SetResult:
-    """The IJB protocol on one template set; .npy files into ``save_features`` (their paths into ``saved``)."""
+                 warn: Say = _quiet, *, protocol: str = "auto") -> list[SetResult]:
+    """The IJB protocols on one template set: 1:1 (set ``<target>``) and/or 1:N (set ``<target>-1N``), as
+    ``protocol`` asks; one embedding pass and one pooling serve both. .npy files into ``save_features``
+    (their paths into ``saved``)."""
     from ..core.build import build_template_set
-    from .ijb import TemplateSet, embed_images, evaluate_templates, save_arrays
+    from ..errors import PluginError
+    from .ijb import TemplateSet, embed_images, evaluate_templates, pool_templates, save_arrays, weight_features
+    from .ijb_1n import identification
 
     options = config["eval"]["ijb"]
-    dataset = build_template_set(config, root, target)
+    dataset = build_template_set(config, root, target, protocol)
     data = TemplateSet.of(dataset, options["dataset"])
-    say(f"evaluating {data.name} ({len(dataset):,} images, {len(data.labels):,} template pairs) on {dev} "
-        f"with {num_workers} worker(s)...")
+    galleries, probes = getattr(dataset, "galleries", None), getattr(dataset, "probes", None)
+    one_to_n = galleries is not None and probes is not None
+    if protocol in ("1:N", "both") and not one_to_n:
+        raise PluginError(f"eval.ijb.protocol is {protocol} but the template set '{options['dataset']}' provides no "
+                          "1:N galleries and probes (attributes 'galleries' and 'probes'; see docs/writing-plugins.md)")
+    one_to_one = protocol != "1:N" and len(data.labels) > 0
+    what = [f"{len(data.labels):,} template pairs"] if one_to_one else []
+    if one_to_n:
+        what.append(f"1:N: {len(probes):,} probes, galleries " + ", ".join(f"{g} {len(t):,}" for g, t in galleries.items()))
+    say(f"evaluating {data.name} ({len(dataset):,} images; {'; '.join(what)}) on {dev} with {num_workers} worker(s)...")
     features = embed_images(backbone, dataset, batch, dev, flip=options["flip"], num_workers=num_workers,
                             progress=True)
-    files = []
+    files, out = [], []
     if save_features:
         files += save_arrays(save_features, data.name, {"image_features": features})
-    result = evaluate_templates(features, data, targets=options["far_targets"], norm_score=options["norm_score"],
-                                detector_score=options["detector_score"])
+    if one_to_one:
+        result = evaluate_templates(features, data, targets=options["far_targets"], norm_score=options["norm_score"],
+                                    detector_score=options["detector_score"])
+        template_ids, template_features = result.template_ids, result.template_features
+        if save_features:
+            files += save_arrays(save_features, data.name, {
+                "template_ids": result.template_ids, "template_features": result.template_features,
+                "pair_scores": result.scores, "pair_labels": data.labels.astype("int8"),
+            })
+        out.append(SetResult(data.name, "ijb", result.results(), roc=result.roc, ijb=result))
+    else:
+        weighted = weight_features(features, data.scores, norm_score=options["norm_score"],
+                                   detector_score=options["detector_score"])
+        template_ids, template_features = pool_templates(weighted, data.templates, data.medias)
+    if one_to_n:
+        found = identification(template_ids, template_features, galleries, probes, f"{data.name} 1:N")
+        name = f"{data.name}-1N"
+        if save_features:
+            more, notes = found.save(save_features, name)
+            files += more
+            for note in notes:
+                warn(note)
+        out.append(SetResult(name, "identification", found.results(), identification=found))
     if save_features:
-        files += save_arrays(save_features, data.name, {
-            "template_ids": result.template_ids, "template_features": result.template_features,
-            "pair_scores": result.scores, "pair_labels": data.labels.astype("int8"),
-        })
         warn(f"wrote {len(files)} .npy files in {save_features}")
     saved += files
-    return SetResult(data.name, "ijb", result.results(), roc=result.roc, ijb=result)
+    return out
+
+
+def evaluate_gallery(backbone: Any, config: dict, gallery: str | Path, probe: str | Path, distractors: Any,
+                     per_image: bool, batch: int, dev: Any, num_workers: int, save_features: str | Path | None,
+                     saved: list[str], say: Say = _quiet, warn: Say = _quiet) -> SetResult:
+    """1:N on folders of aligned images (facecore.eval.gallery); .npy files into ``save_features``."""
+    from .gallery import evaluate_folders
+
+    found = evaluate_folders(backbone, config, gallery, probe, distractors, per_image=per_image, batch_size=batch,
+                             device=dev, num_workers=num_workers, say=say)
+    name = re.sub(r"[^\w.-]+", "_", found.name)
+    if save_features:
+        files, notes = found.save(save_features, name)
+        for note in notes:
+            warn(note)
+        warn(f"wrote {len(files)} .npy files in {save_features}")
+        saved += files
+    return SetResult(name, "identification", found.results(), identification=found)
 
 
 # --- presentation ---------------------------------------------------------------------------
@@ -297,6 +373,8 @@ def json_safe(value: Any) -> Any:
     """NaN/inf become null so the output is strict JSON."""
     if isinstance(value, dict):
         return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
