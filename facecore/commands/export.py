@@ -22,7 +22,7 @@ from . import set_option, user_errors
               help="ONNX only: static int8 quantisation with ONNX Runtime of the Conv/Gemm/MatMul layers (needs --calibrate).")
 @click.option("--calibrate", "calibration", type=click.Path(), metavar="FILE.bin|DIR",
               help="Images to calibrate the int8 ranges on: a .bin pair set or a folder of aligned face images of your data.")
-@click.option("--calibration-images", type=int, default=200, show_default=True,
+@click.option("--calibration-images", type=click.IntRange(min=1), default=200, show_default=True,
               help="How many calibration images to use (evenly spaced over the set).")
 @click.option("--no-check", is_flag=True, help="Skip comparing the export with PyTorch on a random batch.")
 @set_option

@@ -98,7 +98,7 @@ def calibration_images(source: str | Path, img_size: int, limit: int = CALIBRATI
     path = Path(source)
     what = f"pass a .bin pair set or a folder of aligned {img_size}x{img_size} face images"
     if limit < 1:
-        raise DataError(f"--calibration-images must be at least 1, got {limit}")
+        raise DataError(f"the number of calibration images must be at least 1, got {limit}")
     if path.is_dir():
         files = _image_files(path)
         if not files:
