@@ -33,9 +33,10 @@ def create(group: str, name: str, **options: Any) -> Any:
     return _create(group, name, **options)
 
 
-def evaluate(checkpoint: str, config: str | None = None, *, bins: Any = (), ijb_root: str | None = None,
+def evaluate(checkpoint: str | None = None, config: str | None = None, *, bins: Any = (), ijb_root: str | None = None,
              **kwargs: Any) -> Any:
-    """Evaluate a checkpoint on .bin pair sets and IJB template sets; see :func:`facecore.eval.run.evaluate`.
+    """Evaluate a checkpoint (or ``onnx=`` an ONNX export) on .bin pair sets and IJB template sets; see
+    :func:`facecore.eval.run.evaluate`.
 
     Returns an :class:`~facecore.eval.run.Evaluation` (per set: metrics, ROC, the files it wrote).
     """

@@ -90,3 +90,101 @@ def former_flip(images: torch.Tensor, seed: int, epoch: int, batch: int, info: A
     mask = torch.rand(n * info.world_size, generator=gen) < 0.5
     mask = mask[info.rank :: info.world_size][:n].to(images.device)
     return torch.where(mask[:, None, None, None], images.flip(3), images)
+
+
+class TinyIRNet(nn.Module):
+    """A tiny IR-ResNet (the resnet plugin's block layout at 8-16 channels): BN before the convolution,
+    PReLU, a 1x1 downsample shortcut and the residual Add, for tests of what int8 quantisation keeps."""
+
+    def __init__(self, embedding_size: int = 16):
+        super().__init__()
+
+        def block(cin: int, cout: int, stride: int) -> nn.ModuleDict:
+            parts = {"body": nn.Sequential(nn.BatchNorm2d(cin), nn.Conv2d(cin, cout, 3, 1, 1, bias=False),
+                                           nn.BatchNorm2d(cout), nn.PReLU(cout),
+                                           nn.Conv2d(cout, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout))}
+            if stride != 1 or cin != cout:
+                parts["down"] = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+            return nn.ModuleDict(parts)
+
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1, bias=False), nn.BatchNorm2d(8), nn.PReLU(8))
+        self.blocks = nn.ModuleList([block(8, 16, 2), block(16, 16, 1), block(16, 16, 2)])
+        self.head = nn.Sequential(nn.BatchNorm2d(16), nn.AdaptiveAvgPool2d(7), nn.Flatten(),
+                                  nn.Linear(784, embedding_size), nn.BatchNorm1d(embedding_size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        for b in self.blocks:
+            x = b["body"](x) + (b["down"](x) if "down" in b else x)
+        return self.head(x)
+
+
+class TinyIRPlugin:
+    """A plugin object registering :class:`TinyIRNet` under ``name``."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    @hookimpl
+    def register_backbones(self, register):
+        register(self.name, TinyIRNet, description="test IR-style backbone")
+
+
+def face_like_images(count: int, size: int = 112, seed: int = 0) -> list:
+    """``count`` smooth RGB uint8 images (a 6x6 random pattern upscaled, plus noise): enough structure for
+    a network's activations to look like a photo's, made in milliseconds."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(count):
+        base = Image.fromarray(rng.integers(0, 256, size=(6, 6, 3), dtype=np.uint8)).resize((size, size), Image.BILINEAR)
+        noisy = np.asarray(base, dtype=np.int16) + rng.integers(-12, 13, size=(size, size, 3))
+        out.append(np.clip(noisy, 0, 255).astype(np.uint8))
+    return out
+
+
+def png_bytes(image) -> bytes:
+    """An HWC uint8 array as PNG bytes (lossless: every decoder gives back the same pixels)."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def make_tiny_ir_export_set(root: Path, backbone: str) -> TinyIRNet:
+    """``root``: config.yaml and best.pth of a :class:`TinyIRNet` registered as ``backbone`` (which must be
+    registered while this runs), with BatchNorm statistics of its data as after training and a validation
+    threshold, plus ``calib.bin`` and ``test.bin`` (16 pairs each, PNG, disjoint images). Returns the network."""
+    import numpy as np
+    import yaml
+
+    from facecore.core.checkpoint import save_checkpoint
+    from facecore.core.config import load_config
+    from facecore.data.binfile import write_bin
+
+    images = face_like_images(64, seed=0)
+    same = [i % 2 == 0 for i in range(16)]
+    write_bin(root / "calib.bin", [png_bytes(i) for i in images[:32]], same)
+    write_bin(root / "test.bin", [png_bytes(i) for i in images[32:]], same)
+    config = {"device": "cpu", "model": {"backbone": backbone, "embedding_size": 16},
+              "head": {"type": "arcface", "num_classes": 10}, "data": {"root": str(root)},
+              "eval": {"test_batch_size": 16}, "logging": {"log_dir": str(root / "logs"), "tensorboard": False}}
+    (root / "config.yaml").write_text(yaml.safe_dump(config))
+    torch.manual_seed(0)
+    net = TinyIRNet(16)
+    for m in net.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.momentum = None  # a plain average over the batches below
+    net.train()
+    with torch.no_grad():
+        net(torch.from_numpy(np.stack(images[:32])).permute(0, 3, 1, 2).float() / 127.5 - 1)
+    net.eval()
+    val = {"test": {"accuracy": 0.9, "best_threshold": 1.2}}  # squared L2 1.2 = cosine 0.4
+    save_checkpoint({"config": load_config(str(root / "config.yaml")), "backbone": net.state_dict(),
+                     "val_metrics": val}, root / "best.pth")
+    return net

@@ -16,8 +16,11 @@ from . import set_option, user_errors
 @click.command("eval")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False),
               help="YAML config; defaults to the config stored in the checkpoint.")
-@click.option("--checkpoint", "checkpoint_path", required=True, type=click.Path(dir_okay=False),
+@click.option("--checkpoint", "checkpoint_path", type=click.Path(dir_okay=False),
               help="best.pth / last.pth of 'facecore train', or a bare backbone state dict (needs --config).")
+@click.option("--onnx", "onnx_path", type=click.Path(dir_okay=False),
+              help="Instead of --checkpoint: a 'facecore export' ONNX model (float32 or int8), run with ONNX Runtime "
+                   "on the CPU; its stored config unless --config.")
 @click.option("--bin", "bins", multiple=True, type=click.Path(dir_okay=False),
               help="A .bin pair set (repeatable); defaults to eval.bin_file of the config.")
 @click.option("--ijb", "ijb_root", type=click.Path(file_okay=False), metavar="ROOT",
@@ -48,12 +51,12 @@ from . import set_option, user_errors
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON on stdout instead of a table.")
 @set_option
 @user_errors
-def eval_command(config_path: str | None, checkpoint_path: str, bins: tuple[str, ...], ijb_root: str | None,
-                 ijb_target: str | None, ijb_protocol: str | None, gallery: str | None, probe: str | None,
-                 distractors: str | None, per_image: bool, save_features: str | None, name: str | None,
-                 batch_size: int | None, device: str | None, num_workers: int | None, as_json: bool,
-                 overrides: tuple[str, ...]) -> None:
-    """Evaluate a checkpoint: verification on .bin pair sets and IJB-B/C, 1:N identification on IJB-B/C and folders.
+def eval_command(config_path: str | None, checkpoint_path: str | None, onnx_path: str | None, bins: tuple[str, ...],
+                 ijb_root: str | None, ijb_target: str | None, ijb_protocol: str | None, gallery: str | None,
+                 probe: str | None, distractors: str | None, per_image: bool, save_features: str | None,
+                 name: str | None, batch_size: int | None, device: str | None, num_workers: int | None,
+                 as_json: bool, overrides: tuple[str, ...]) -> None:
+    """Evaluate a checkpoint or an ONNX export: verification on .bin pair sets and IJB-B/C, 1:N identification on IJB-B/C and folders.
 
     With --bin, --ijb or --gallery only those sets are evaluated; with none, eval.bin_file and
     eval.ijb.root of the config. Writes test_result_<name>_<time>.txt/.json, one ROC PNG per
@@ -68,9 +71,10 @@ def eval_command(config_path: str | None, checkpoint_path: str, bins: tuple[str,
     def say(line: str) -> None:
         click.echo(line, err=True)
 
-    result = evaluate(checkpoint_path, config_path, bins=bins, ijb_root=ijb_root, ijb_target=ijb_target,
+    result = evaluate(checkpoint_path, config_path, onnx=onnx_path, bins=bins, ijb_root=ijb_root, ijb_target=ijb_target,
                       ijb_protocol=ijb_protocol, gallery=gallery, probe=probe, distractors=distractors,
-                      per_image=per_image, overrides=overrides, name=name, batch_size=batch_size, device=device, num_workers=num_workers,
+                      per_image=per_image, overrides=overrides, name=name, batch_size=batch_size, device=device,
+                      num_workers=num_workers,
                       save_features=save_features, say=None if as_json else say, warn=say)
     result.write()
     if as_json:

@@ -22,13 +22,16 @@ import numpy as np
 import torch
 
 from ..errors import DataError
+from .pixels import SCALE, resize_rgb
+from .pixels import pil_to_rgb_array as _pil_to_rgb_array
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 _RGB_MODE = 3  # torchvision ImageReadMode.RGB
 # (x - 127.5) / 127.5 as one fused op, -1 + x * scale, with scale the float32 just below
 # 1/127.5 so that 255 maps to 1 - 1.2e-7 rather than 1 + 1.2e-7: results stay inside [-1, 1]
 # and within 1.2e-7 of the exact values, at about 60% of the cost of a subtract and a divide.
-_SCALE = float(np.nextafter(np.float32(1 / 127.5), np.float32(0)))
+# data/pixels.py holds it, and the torch-free path ONNX Runtime inference takes.
+_SCALE = SCALE
 _MINUS_ONE = torch.tensor(-1.0)
 
 
@@ -80,17 +83,6 @@ def _probe_torch_jpeg() -> tuple[str, Callable[[torch.Tensor], torch.Tensor] | N
 
 
 JPEG_DECODER, _torch_jpeg = _probe_torch_jpeg()
-
-
-def _pil_to_rgb_array(image: Any) -> np.ndarray:
-    """A PIL image as HWC uint8 RGB (16-bit and float modes scaled, alpha dropped)."""
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        arr = np.asarray(image).astype(np.int64)
-        arr = (arr >> 8) if arr.max() > 255 else arr
-        return np.repeat(np.clip(arr, 0, 255).astype(np.uint8)[:, :, None], 3, axis=2)
-    if image.mode != "RGB":
-        image = image.convert("RGB")
-    return np.asarray(image)
 
 
 def _pil_decode(data: bytes | bytearray | memoryview) -> np.ndarray:
@@ -170,13 +162,6 @@ def check_size(chw: torch.Tensor, img_size: int) -> str | None:
     if h == img_size and w == img_size:
         return None
     return f"the image is {w}x{h} but img_size is {img_size} (images must already be {img_size}x{img_size})"
-
-
-def resize_rgb(image: np.ndarray, img_size: int) -> np.ndarray:
-    """Resize an HWC uint8 RGB image to img_size x img_size (bilinear, with antialiasing)."""
-    from PIL import Image
-
-    return np.asarray(Image.fromarray(image).resize((img_size, img_size), Image.BILINEAR))
 
 
 def load_image(x: Any, img_size: int = 112) -> torch.Tensor:

@@ -155,12 +155,15 @@ def embedding_batches(
 ) -> Iterator[tuple[Any, Any]]:
     """The one embedding pass of evaluation: ``(f(x), f(mirror of x) or None)`` per batch, float32 on ``device``.
 
+    ``backbone`` is a torch module already on ``device``, or any callable from a float batch to
+    embeddings, such as an ONNX Runtime model (:class:`~facecore.eval.onnx_runtime.OnnxModel`).
+
     Items are images, ``(image, label)``, or ``(image, problem)`` where ``problem`` is "" or a message
     about an image that could not be read (a DataLoader worker cannot raise a clean error, so the
     first problem is raised here as a DataError). Images may be uint8 (normalized on ``device`` with
     :func:`~facecore.data.images.model_input`, the trainer's arithmetic) or float in [-1, 1].
-    The backbone must already be on ``device``; it runs in eval mode under no_grad and gets its
-    previous train/eval mode back afterwards (the trainer calls this mid-training).
+    A torch module runs in eval mode under no_grad and gets its previous train/eval mode back
+    afterwards (the trainer calls this mid-training).
     """
     import torch
     from torch.utils.data import DataLoader
@@ -172,8 +175,10 @@ def embedding_batches(
     source = f"the {what} '{getattr(dataset, 'name', None) or type(dataset).__name__}'"
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         pin_memory=device.type == "cuda")
-    was_training = backbone.training
-    backbone.eval()
+    module = backbone if isinstance(backbone, torch.nn.Module) else None
+    was_training = module is not None and module.training
+    if module is not None:
+        module.eval()
     bar = tqdm(total=len(dataset), unit="img", desc="embed", leave=False,
                disable=not progress or not sys.stderr.isatty())
     seen = 0
@@ -193,7 +198,8 @@ def embedding_batches(
                 bar.update(n)
     finally:
         bar.close()
-        backbone.train(was_training)
+        if module is not None:
+            module.train(was_training)
     if not seen:
         name = getattr(dataset, "name", None)
         raise DataError(f"the {what} '{name}' has no images" if name else f"the {what} has no images")

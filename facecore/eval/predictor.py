@@ -3,6 +3,9 @@
 Inputs are aligned face crops (112x112 by default; other sizes are resized with a warning) given
 as file paths, PIL images or HWC uint8 RGB arrays. Embeddings follow the evaluation protocol:
 the image's and its mirror's embeddings are summed, then L2-normalized.
+
+``Predictor(onnx_path=...)`` runs a facecore ONNX export with ONNX Runtime and never imports
+torch: images go through Pillow and NumPy (``data/pixels.py``), the model through onnxruntime.
 """
 
 from __future__ import annotations
@@ -65,6 +68,8 @@ class Predictor:
 
     ``Predictor(config_path=None, checkpoint_path="best.pth", use_cpu=False)``: the config defaults
     to the one stored in the checkpoint; a bare state dict (InsightFace ``backbone.pth``) needs one.
+    ``Predictor(onnx_path="model.onnx")``: a ``facecore export`` (float32 or int8) on ONNX Runtime's
+    CPU provider, without torch; its size, config and threshold come from the model's metadata.
     """
 
     def __init__(
@@ -76,11 +81,22 @@ class Predictor:
         device: str | None = None,
         overrides: Sequence[str] = (),
         batch_size: int = 64,
+        onnx_path: str | Path | None = None,
+        threads: int | None = None,
     ):
+        self.batch_size = batch_size
+        self.onnx: Any = None  # the OnnxModel when onnx_path is given
+        if onnx_path is not None:
+            if checkpoint_path is not None or config_path is not None or overrides:
+                raise FacecoreError("Predictor takes onnx_path= alone: the export carries its own size, config and "
+                                    "threshold (leave checkpoint_path, config_path and overrides out)")
+            self._init_onnx(onnx_path, threads)
+            return
         import torch
 
         if checkpoint_path is None:
-            raise CheckpointError("Predictor needs checkpoint_path= (best.pth, last.pth or a backbone state dict)")
+            raise CheckpointError("Predictor needs checkpoint_path= (best.pth, last.pth or a backbone state dict) "
+                                  "or onnx_path= (a facecore ONNX export)")
         if device and not use_cpu:
             resolve_device(device)  # fail before reading the checkpoint
         backbone, config, ckpt = load_trained_backbone(checkpoint_path, config_path, overrides)
@@ -89,9 +105,29 @@ class Predictor:
         self.backbone = backbone.to(self.device).eval()
         self.config = config
         self.img_size: int = config["data"]["img_size"]
-        self.batch_size = batch_size
         # Cosine threshold from the checkpoint's validation results (None if absent); see is_same.
         self.threshold: float | None = threshold_from_checkpoint(ckpt, config)
+
+    def _init_onnx(self, path: str | Path, threads: int | None) -> None:
+        from .onnx_runtime import OnnxModel
+
+        self.onnx = OnnxModel(path, threads=threads)
+        self.backbone = None
+        self.device = "cpu"
+        self.config = self.onnx.config
+        self.img_size = self.onnx.img_size
+        self.threshold = self.onnx.threshold  # stored at export from the checkpoint's validation
+
+    def _embed_onnx(self, items: list) -> np.ndarray:
+        """Flip-summed embeddings through ONNX Runtime: Pillow/NumPy decoding, the image and its mirror in one batch."""
+        from ..data.pixels import model_input, rgb_array
+
+        out = []
+        for i in range(0, len(items), self.batch_size):
+            x = model_input(np.stack([rgb_array(item, self.img_size) for item in items[i : i + self.batch_size]]))
+            feats = self.onnx.run(np.concatenate([x, x[:, :, :, ::-1]]))
+            out.append(feats[: len(x)] + feats[len(x) :])
+        return np.concatenate(out)
 
     def _tensor(self, image: Any) -> Any:
         from ..data.images import load_image
@@ -107,6 +143,8 @@ class Predictor:
         items = [images] if _is_single(images) else list(images)
         if not items:
             raise FacecoreError("Predictor.embed got no images")
+        if self.onnx is not None:
+            return l2_normalize(self._embed_onnx(items)).astype(np.float32)
         tensors = [self._tensor(x) for x in items]
         plain, mirrored = embed_pass(self.backbone, tensors, self.batch_size, self.device)
         return l2_normalize(plain + mirrored).astype(np.float32)

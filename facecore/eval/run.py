@@ -58,6 +58,7 @@ class Evaluation:
     sets: list[SetResult]
     log_dir: Path
     features: list[str] = field(default_factory=list)  # .npy files written with save_features
+    runtime: str = "torch"  # what embedded: "torch", or "onnxruntime (float32|int8 ...)" for --onnx
 
     @property
     def results(self) -> dict[str, dict[str, float]]:
@@ -77,6 +78,7 @@ class Evaluation:
             "config": self.config_source,
             "backbone": self.config["model"]["backbone"],
             "device": self.device,
+            "runtime": self.runtime,
             "timestamp": self.timestamp,
             "step": self.step,
             "results": self.results,
@@ -112,7 +114,8 @@ class Evaluation:
         for s in self.sets:
             if s.identification is not None:
                 s.plots = s.identification.plot(self.log_dir, f"{self.name}_{s.name}_{self.timestamp}")
-        header = (f"# facecore eval of {self.checkpoint} ({self.config['model']['backbone']}) on {self.device}, "
+        header = (f"# facecore eval of {self.checkpoint} ({self.config['model']['backbone']}) on {self.device} "
+                  f"with {self.runtime}, "
                   f"{self.timestamp}: {', '.join(self.results)}")
         txt, js = Path(f"{self.base}.txt"), Path(f"{self.base}.json")
         txt.write_text("\n".join([header, self.table(), ""]))
@@ -132,9 +135,10 @@ class Evaluation:
 
 
 def evaluate(
-    checkpoint: str | Path,
+    checkpoint: str | Path | None = None,
     config: str | Path | None = None,
     *,
+    onnx: str | Path | None = None,
     bins: Sequence[str | Path] = (),
     ijb_root: str | Path | None = None,
     ijb_target: str | None = None,
@@ -162,14 +166,27 @@ def evaluate(
     entry and one probe per image instead of one template per identity. ``save_features`` writes
     features, scores and ranks as .npy files. ``say`` gets progress lines, ``warn`` warnings and
     notes (both silent by default). Nothing else is written: call ``.write()`` on the result.
+
+    ``onnx`` instead of ``checkpoint``: a facecore ONNX export (float32 or int8), embedded with
+    ONNX Runtime on the CPU through the same pass, with the config stored in it unless ``config``.
     """
     from ..core.build import build_metrics, pair_set_names, pair_set_paths
     from .evaluation import load_trained_backbone, resolve_device
 
     say, warn = say or _quiet, warn or _quiet
+    if (checkpoint is None) == (onnx is None):
+        raise ConfigError(["pass either a checkpoint (--checkpoint) or an ONNX export (--onnx), not "
+                           + ("both" if onnx is not None else "neither")])
     if device:
         resolve_device(device)  # a bad device fails before the checkpoint is read
-    backbone, cfg, ckpt = load_trained_backbone(checkpoint, config, overrides)
+    runtime = "torch"
+    if onnx is not None:
+        backbone, cfg, ckpt = load_onnx_model(onnx, config, overrides, device)
+        runtime = f"onnxruntime {backbone.precision}"
+        say(f"model: {backbone.describe}")
+        device = "cpu"
+    else:
+        backbone, cfg, ckpt = load_trained_backbone(checkpoint, config, overrides)
     if bool(gallery) != bool(probe):
         raise ConfigError(["--gallery and --probe go together: pass both folders (and --distractors DIR if any)"])
     if (distractors or per_image) and not gallery:
@@ -189,14 +206,16 @@ def evaluate(
         if not Path(p).is_file():
             raise DataError(f"pair set not found: {p} (from {'--bin' if bins else 'eval.bin_file'})")
     dev = resolve_device(device or cfg["device"])
-    backbone.to(dev)
+    if onnx is None:
+        backbone.to(dev)
     batch = batch_size or cfg["eval"]["test_batch_size"]
     result = Evaluation(
         name=re.sub(r"[^\w.-]+", "_", name or cfg["model"]["backbone"]),  # safe in a file name
-        checkpoint=str(checkpoint), config_source=str(config) if config else "stored in the checkpoint",
+        checkpoint=str(checkpoint if onnx is None else onnx),
+        config_source=str(config) if config else f"stored in the {'checkpoint' if onnx is None else 'ONNX model'}",
         config=cfg, device=str(dev), timestamp=time.strftime("%Y%m%d-%H%M%S"),
         step=ckpt.get("step") if isinstance(ckpt, dict) and isinstance(ckpt.get("step"), int) else None,
-        sets=[], log_dir=Path(cfg["logging"]["log_dir"]),
+        sets=[], log_dir=Path(cfg["logging"]["log_dir"]), runtime=runtime,
     )
     if paths:
         metrics = build_metrics(cfg)
@@ -211,6 +230,28 @@ def evaluate(
         result.sets.append(evaluate_gallery(backbone, cfg, gallery, probe, distractors, per_image, batch, dev,
                                             workers, save_features, result.features, say, warn))
     return result
+
+
+def load_onnx_model(path: str | Path, config: str | Path | None, overrides: Sequence[str],
+                    device: str | None) -> tuple[Any, dict, dict]:
+    """``(OnnxModel, effective config, {})`` for ``evaluate(onnx=...)``: the config given, else the one stored in it."""
+    from ..core.config import apply_overrides, load_config, validate_config
+    from .onnx_runtime import OnnxModel
+
+    if device not in (None, "cpu", "auto"):
+        raise ConfigError([f"--device {device}: an ONNX model runs on ONNX Runtime's CPU provider; "
+                           "leave --device out or pass cpu"])
+    model = OnnxModel(path)
+    if config is not None:
+        cfg = load_config(str(config), list(overrides))
+    elif model.config is not None:
+        cfg = validate_config(apply_overrides(model.config, overrides), f"{path} (stored config)")
+    else:
+        raise DataError(f"{path} holds no facecore config: pass --config with the data and eval sections to use")
+    if cfg["data"]["img_size"] != model.img_size:
+        raise DataError(f"{path} takes {model.img_size}x{model.img_size} images but data.img_size is "
+                        f"{cfg['data']['img_size']}: set data.img_size: {model.img_size}")
+    return model, cfg, {}
 
 
 def evaluate_bin(backbone: Any, config: dict, set_name: str, path: str, metrics: list, batch: int, dev: Any,
@@ -397,4 +438,4 @@ def ijb_report(result: Any, options: dict) -> dict:
     }
 
 
-__all__ = ["Evaluation", "SetResult", "evaluate", "format_ijb_table", "format_table", "json_safe", "result_columns"]
+__all__ = ["Evaluation", "SetResult", "evaluate", "load_onnx_model", "format_ijb_table", "format_table", "json_safe", "result_columns"]
