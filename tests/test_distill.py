@@ -189,3 +189,35 @@ def test_the_distill_section_is_checked_with_the_plugins_options(tiny_data: Path
     assert "training.distill.backbone.type: " in text and "fastcontextface" in text  # did you mean
     assert "training.distill.loss[0].metric" in text and "training.distill.loss[1]: " in text
     assert "training.distill.loss[2].weight" in text
+
+
+def test_at_weight_zero_the_student_trains_exactly_as_without_a_teacher(tiny_data: Path, tmp_path: Path,
+                                                                         teacher_file: Path) -> None:
+    """The teacher and the projection are built under a forked RNG and add nothing but their terms: the same
+    initial weights, batches, augmentations and dropout as the run without them."""
+    cfg = config(tiny_data, tmp_path / "zero", teacher_file, {"loss": ["embedding", "relational"], "weight": 0.0},
+                 epochs=1)
+    without = config(tiny_data, tmp_path / "without", teacher_file, epochs=1)
+    without["training"]["distill"] = None
+    a = load_checkpoint(Path(train(cfg, verbose=False)["run_dir"]) / "last.pth")
+    b = load_checkpoint(Path(train(without, verbose=False)["run_dir"]) / "last.pth")
+    for part in ("backbone", "classifier"):
+        for key in b[part]:
+            assert torch.equal(a[part][key], b[part][key]), (part, key)
+    assert "distill" in a and "distill" not in b
+
+
+def test_the_teacher_runs_under_the_trainers_autocast_and_the_terms_in_float32(tiny_data: Path, tmp_path: Path,
+                                                                               teacher_file: Path) -> None:
+    trainer = Trainer(config(tiny_data, tmp_path, teacher_file, {"loss": ["embedding", "relational"]}, amp="bf16"),
+                      verbose=False)
+    trainer._build()
+    assert trainer.amp_dtype == torch.bfloat16
+    seen = []
+    trainer.distiller.teacher.module.register_forward_hook(lambda m, i, out: seen.append(out.dtype))
+    images, labels = torch.rand(4, 3, 112, 112) * 2 - 1, torch.tensor([0, 1, 2, 3])
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # as TrainStep runs the forward
+        terms = trainer._loss_fn(frozen=False)(images, labels)
+    assert seen == [torch.bfloat16]
+    assert set(terms) == {"margin", "distill_embedding", "distill_relational"}
+    assert all(t.dtype == torch.float32 and t.requires_grad for t in terms.values())

@@ -112,7 +112,6 @@ class GlobalBatch:
 
     def __init__(self, info: DistInfo):
         self.rank, self.world = info.rank, info.world_size
-        self.group = None
         self.size_group = None
         if self.world > 1 and dist.get_backend() != "gloo":
             self.size_group = dist.new_group(backend="gloo")  # a collective: every rank builds it
@@ -121,7 +120,7 @@ class GlobalBatch:
         if self.world == 1:
             return student, teacher
         sizes = _gather_sizes(student.shape[0], torch.device("cpu"), self.size_group)
-        both = _AllRows.apply(torch.cat([student, teacher], dim=1), sizes, self.rank, self.group)
+        both = _AllRows.apply(torch.cat([student, teacher], dim=1), sizes, self.rank, None)  # the default group
         positions = torch.cat([torch.arange(n) * self.world + r for r, n in enumerate(sizes)])
         both = both.index_select(0, positions.argsort().to(both.device))
         return both[:, :student.shape[1]], both[:, student.shape[1]:]
