@@ -274,6 +274,12 @@ for name, options in spec["heads"].items():
         cfg["data"]["batch_size"] = 16 // world
         cfg["checkpoint"]["save_dir"] = str(out / f"{name}-{shard}")
         train(validate_config(cfg), verbose=False)
+for name, run in spec["runs"].items():  # other features, in the same launch
+    cfg = json.loads(json.dumps(spec["config"]))
+    cfg["head"], cfg["training"] = run["head"], {**cfg["training"], **run["training"]}
+    cfg["data"]["batch_size"] = 16 // world
+    cfg["checkpoint"]["save_dir"] = str(out / name)
+    train(validate_config(cfg), verbose=False)
 if world > 1:
     dist.destroy_process_group()
     sys.stdout.flush()
@@ -281,27 +287,57 @@ if world > 1:
 """
 
 
-def test_every_head_trains_the_same_weights_on_two_processes_as_on_one(setup, tmp_path: Path) -> None:
+# Distillation from a frozen probe teacher (embedding 24 against the student's 16: a projection), both
+# losses (the relational one over the global batch), a ramp; sharded with a frozen epoch and the backbone's own LR.
+DISTILL = {"loss": ["embedding", {"name": "relational", "weight": 2.0}], "weight": 0.5, "warmup_steps": 2,
+           "backbone": {"type": "probe", "embedding_size": 24}}
+RUNS = {
+    "distill-replicated": {"head": {"type": "cosface", "scale": 16.0, "margin": 0.2},
+                           "training": {"distill": DISTILL}},
+    "distill-sharded": {"head": {"type": "cosface", "scale": 16.0, "margin": 0.2, "shard": True},
+                        "training": {"distill": DISTILL, "freeze_backbone_epochs": 1, "backbone_lr_mult": 0.5}},
+}
+
+
+@pytest.fixture(scope="module")
+def launches(setup, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Every bundled head (centers replicated and sharded) and the RUNS, on 1 process and on 2: one launch each."""
     data, env = setup
+    tmp = tmp_path_factory.mktemp("launches")
+    g = torch.Generator().manual_seed(4)  # the teacher: a probe's tensors, saved as a bare state dict
+    torch.save({"conv.weight": torch.randn(4, 3, 3, 3, generator=g) * 0.3, "conv.bias": torch.zeros(4),
+                "fc.weight": torch.randn(24, 144, generator=g) * 0.1, "fc.bias": torch.zeros(24)}, tmp / "teacher.pth")
+    runs = json.loads(json.dumps(RUNS))
+    for run in runs.values():
+        if "distill" in run["training"]:
+            run["training"]["distill"]["teacher"] = str(tmp / "teacher.pth")
     config = {
         "seed": 3, "device": "cpu",
         "model": {"backbone": "probe", "embedding_size": 16},
         "data": {"root": str(data), "num_workers": 0, "augment": ["flip"]},
         "training": {"epochs": 2, "lr": 0.1, "warmup_epochs": 0.5},
-        "checkpoint": {}, "logging": {"log_dir": str(tmp_path / "logs"), "tensorboard": False},
+        "checkpoint": {}, "logging": {"log_dir": str(tmp / "logs"), "tensorboard": False},
     }
-    (tmp_path / "spec.json").write_text(json.dumps({"heads": HEADS, "config": config}))
-    (tmp_path / "driver.py").write_text(HEADS_DRIVER)
+    (tmp / "spec.json").write_text(json.dumps({"heads": HEADS, "runs": runs, "config": config}))
+    (tmp / "driver.py").write_text(HEADS_DRIVER)
     launchers = {1: [sys.executable], 2: [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]}
     for world, launcher in launchers.items():
-        out = subprocess.run([*launcher, str(tmp_path / "driver.py"), str(tmp_path / "spec.json"), str(tmp_path / str(world))],
+        out = subprocess.run([*launcher, str(tmp / "driver.py"), str(tmp / "spec.json"), str(tmp / str(world))],
                              env=env, capture_output=True, text=True, timeout=600)
         check_exit(out, out.stderr)
+    return tmp
+
+
+def one_and_two(launches: Path, name: str) -> tuple[dict, dict]:
+    (one,) = (launches / "1" / name).rglob("last.pth")
+    (two,) = (launches / "2" / name).rglob("last.pth")
+    return load_checkpoint(one), load_checkpoint(two)
+
+
+def test_every_head_trains_the_same_weights_on_two_processes_as_on_one(launches: Path) -> None:
     for name in HEADS:
         for shard in (False, True):
-            (one,) = (tmp_path / "1" / f"{name}-{shard}").rglob("last.pth")
-            (two,) = (tmp_path / "2" / f"{name}-{shard}").rglob("last.pth")
-            one, two = load_checkpoint(one), load_checkpoint(two)
+            one, two = one_and_two(launches, f"{name}-{shard}")
             assert one["step"] == two["step"] == 2 * STEPS_PER_EPOCH, name
             rows = 7 * HEADS[name].get("k", 1)
             assert one["classifier"]["weight"].shape == two["classifier"]["weight"].shape == (rows, 16), name
@@ -309,3 +345,21 @@ def test_every_head_trains_the_same_weights_on_two_processes_as_on_one(setup, tm
                 assert_close(one, two)
             except AssertionError as exc:
                 raise AssertionError(f"{name}, shard={shard}: {exc}") from None
+
+
+def test_distillation_trains_the_same_weights_on_two_processes_as_on_one(launches: Path) -> None:
+    """The relational loss compares every pair of the global batch (gathered from the ranks, in one process's
+    order); the projection is data-parallel with the student; the teacher is frozen on every rank."""
+    for name in RUNS:
+        one, two = one_and_two(launches, name)
+        assert one["step"] == two["step"] == 2 * STEPS_PER_EPOCH, name
+        assert one["distill"]["fingerprint"] == two["distill"]["fingerprint"]
+        try:
+            assert_close(one, two)
+            for key, value in one["distill"]["terms"].items():
+                assert torch.allclose(value, two["distill"]["terms"][key], atol=1e-5, rtol=1e-4), key
+        except AssertionError as exc:
+            raise AssertionError(f"{name}: {exc}") from None
+    metrics = (launches / "2" / "distill-sharded").rglob("metrics.jsonl")
+    lines = [json.loads(x) for x in next(metrics).read_text().splitlines()]
+    assert any("loss_distill_relational" in x for x in lines if x["event"] == "train")

@@ -103,7 +103,9 @@ GROUP_SPECS: dict[str, GroupSpec] = {spec.name: spec for spec in (
     GroupSpec(
         "backbones", "backbone", context_args=("embedding_size",), required_context_args=("embedding_size",),
         slots=(Slot("model.backbone", "section", "A registered backbone name (facecore list-plugins --group "
-                    "backbones).", required=True),),
+                    "backbones).", required=True),
+               Slot("training.distill.backbone.type", "section", "The teacher's registered backbone name; its options "
+                    "sit beside it, as the student's do in the model section.", required=True)),
     ),
     GroupSpec(
         "heads", "head",
@@ -140,6 +142,18 @@ GROUP_SPECS: dict[str, GroupSpec] = {spec.name: spec for spec in (
             default=["flip"],
             core_keys={"p": {"type": "number", "minimum": 0, "maximum": 1, "default": 0.5,
                              "description": "Probability that an image gets this augmentation (drawn per image)."}},
+        ),),
+    ),
+    GroupSpec(
+        "distill_losses", "distillation loss",
+        context_args=("student_size", "teacher_size"), required_context_args=("student_size", "teacher_size"),
+        slots=(Slot(
+            "training.distill.loss", "many",
+            "Distillation loss plugins, each a named loss term beside the margin loss: names, or {name: ..., "
+            "weight: w, option: value}.",
+            default=["embedding"], after="backbone",
+            core_keys={"weight": {"type": "number", "minimum": 0, "default": 1.0,
+                                  "description": "This term's weight (times training.distill.weight and its warm-up)."}},
         ),),
     ),
 )}

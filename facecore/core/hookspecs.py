@@ -55,3 +55,14 @@ def register_augmentations(register):
     numbers in [0, 1) drawn by the core from (seed, epoch, batch, global position), the only
     randomness an augmentation may use, so runs stay exact for any number of ranks and on resume.
     """
+
+
+@hookspec
+def register_distill_losses(register):
+    """Register distillation losses: ``factory(student_size, teacher_size, **options) -> nn.Module``.
+
+    Called as ``loss(student, teacher) -> scalar``: float32 embeddings (N, student_size) and
+    (N, teacher_size) of the whole global batch, in one process's order, the teacher's without
+    gradient. Its parameters (a projection between the sizes) train with the student and are saved
+    in the checkpoint.
+    """

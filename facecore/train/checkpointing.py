@@ -21,6 +21,7 @@ from ..core.checkpoint import load_checkpoint, save_checkpoint, save_numbered
 from ..core.pretrained import load_backbone
 from ..core.runtime import DistInfo, capture_rng_all_ranks, decided_on_main, reseed_for_rank, restore_rng
 from ..errors import CheckpointError
+from .distill import restore_distill
 
 
 @dataclass
@@ -48,6 +49,7 @@ class TrainingCheckpoint:
     info: DistInfo
     sharded: bool
     logger: logging.Logger
+    distill: Any = None  # the run's Distiller (training.distill): its part of the checkpoint, checked at resume
 
     # -- the class centers among the optimizer's parameters ---------------------------------------
     def center_index(self) -> int:
@@ -111,6 +113,7 @@ class TrainingCheckpoint:
             "best_metric": {"key": best["key"], "mode": best["mode"], "value": state.best},
             "val_metrics": state.val_metrics,
             "world_size": self.info.world_size,
+            **({"distill": self.distill.state_dict()} if self.distill is not None else {}),
         }
 
     def save(self, state: TrainState, path: Path) -> None:
@@ -137,6 +140,7 @@ class TrainingCheckpoint:
         ckpt = load_checkpoint(path)
         if not isinstance(ckpt, dict) or "optimizer" not in ckpt or "backbone" not in ckpt:
             raise CheckpointError(f"{path} is not a facecore training checkpoint (a bare backbone cannot be resumed)")
+        restore_distill(self.distill, ckpt, path)  # first: a changed teacher file is the one error
         load_backbone(self.backbone, ckpt, path, self.config["model"]["backbone"])
         try:
             if self.sharded:

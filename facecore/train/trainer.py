@@ -31,6 +31,7 @@ from ..errors import DataError, TrainingError, TrainingStopped
 from .augment import Augmenter
 from .checkpointing import TrainingCheckpoint, TrainState
 from .classifier import check_labels
+from .distill import build_distiller
 from .loss_window import LossWindow
 from .runs import RunWriter, check_writable, new_run_dir, newest_checkpoint, setup_logging
 from .step import LossFn, TrainStep
@@ -109,7 +110,7 @@ class Trainer:
         self._build_optimization()
         self._build_validation()
         self.checkpoint = TrainingCheckpoint(self.config, self.backbone, self.classifier, self.optimizer, self.scheduler,
-                                             self.scaler, self.info, self.sharded, self.logger)
+                                             self.scaler, self.info, self.sharded, self.logger, self.distiller)
 
     def _build_data(self) -> None:
         cfg, info = self.config, self.info
@@ -170,6 +171,7 @@ class Trainer:
         if self.device.type == "cuda":
             self.backbone = self.backbone.to(memory_format=torch.channels_last)
         self._loss_fns: dict[bool, LossFn] = {}
+        self.distiller = build_distiller(cfg, self.device, info, self.state)  # training.distill: the teacher and its terms
 
     def _init_backbone(self, resuming: bool) -> None:
         """Load ``model.pretrained`` into the new backbone (not when resuming: the checkpoint has the weights)."""
@@ -192,6 +194,7 @@ class Trainer:
         t = cfg["training"]
         backbone = [p for p in self.backbone.parameters() if p.requires_grad]
         classifier = [p for p in self.classifier.parameters() if p.requires_grad]
+        classifier += self.distiller.parameters() if self.distiller else []  # fresh, like the centers: at training.lr
         # One param group unless the backbone has its own LR (checkpoints of older runs keep loading)
         mult = t["backbone_lr_mult"]
         params: list = ([{"params": backbone + classifier}] if mult == 1
@@ -255,7 +258,11 @@ class Trainer:
         ids = [self.device] if self.device.type == "cuda" else None
         ddp = nn.parallel.DistributedDataParallel
         net = self._compile(self.backbone) if self.config["training"]["compile"] and not frozen else self.backbone
-        if frozen:
+        if self.distiller is not None and not frozen:  # the student with its teacher (training.distill)
+            wrap = (lambda m: ddp(m, device_ids=ids)) if self.info.enabled else (lambda m: m)
+            start = self.config["training"]["freeze_backbone_epochs"] * self.steps_per_epoch
+            loss_fn = self.distiller.loss_fn(net, self.classifier, classify, self.sharded, wrap, start)
+        elif frozen:
             terms = TermsOf(self.classifier)
             terms = ddp(terms, device_ids=ids) if self.info.enabled and not self.sharded else terms
 
@@ -399,6 +406,8 @@ class Trainer:
         if self.pretrained_report is not None:
             for line in self.pretrained_report.lines():
                 self.logger.info("%s", line)
+        for line in self.distiller.lines() if self.distiller else []:
+            self.logger.info("%s", line)
         if resume_path:
             self.checkpoint.restore(resume_path, self.state)
             s = self.state
@@ -511,10 +520,12 @@ class Trainer:
         """Clip the global gradient norm; with sharded centers the norm covers every rank's shard."""
         max_norm = self.config["training"]["grad_clip_norm"]
         # the backbone and the head's own parameters are the same on every rank; only the centers are split
-        grads = [p.grad for p in [*self.backbone.parameters(), *self.classifier.head.parameters()] if p.grad is not None]
+        extra = self.distiller.parameters() if self.distiller else []  # the distillation losses' own, same on every rank
+        grads = [p.grad for p in [*self.backbone.parameters(), *self.classifier.head.parameters(), *extra] if p.grad is not None]
         shard = [self.classifier.weight.grad] if self.classifier.weight.grad is not None else []
         if not self.sharded:
-            nn.utils.clip_grad_norm_([p for m in (self.backbone, self.classifier) for p in m.parameters() if p.grad is not None], max_norm)
+            nn.utils.clip_grad_norm_([p for m in (self.backbone, self.classifier) for p in m.parameters() if p.grad is not None]
+                                     + [p for p in extra if p.grad is not None], max_norm)
             return
         sq = torch.stack([g.detach().float().pow(2).sum() for g in shard]).sum() if shard else torch.zeros((), device=self.device)
         dist.all_reduce(sq)  # the shards' squared norms add up; the backbone is the same on every rank
