@@ -40,6 +40,7 @@ LAZY_COMMANDS: dict[str, str] = {
     "pack": "facecore.commands.pack:pack",
     "demo-data": "facecore.commands.demo_data:demo_data",
     "augment-preview": "facecore.commands.augment_preview:augment_preview",
+    "compare": "facecore.commands.compare:compare_command",
 }
 
 

@@ -69,7 +69,7 @@ CONFIG = {"model": {"backbone": "resnet18", "embedding_size": 8}, "data": {"type
 def test_every_group_has_its_hook_and_every_hook_its_group():
     specs = {name for name in dir(hookspecs) if name.startswith("register_")}
     assert specs == {groups.group_spec(g).hook for g in group_names()}
-    assert len(group_names()) == 6
+    assert len(group_names()) == 7
 
 
 def test_an_eighth_group_is_one_table_entry_plus_its_hookspec(eighth_group):

@@ -41,7 +41,8 @@ def eval_command(config_path: str | None, checkpoint_path: str, bins: tuple[str,
 
     With --bin or --ijb only those sets are evaluated; with neither, eval.bin_file and
     eval.ijb.root of the config. Writes test_result_<name>_<time>.txt/.json and one ROC PNG
-    per set into logging.log_dir, and adds them to TensorBoard when logging.tensorboard is on.
+    per set into logging.log_dir, and gives them to the loggers of logging.loggers (TensorBoard by
+    default), in the tracker run the checkpoint came from when it names one.
     IJB TAR@FAR is read at the ROC point whose FPR is nearest each target (the convention of
     the published tables), with the FPR <= target value beside it.
     """
