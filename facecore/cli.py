@@ -43,6 +43,7 @@ LAZY_COMMANDS: dict[str, str] = {
     "clean": "facecore.commands.clean:clean",
     "index": "facecore.commands.index:index",
     "identify": "facecore.commands.identify:identify",
+    "compare": "facecore.commands.compare:compare_command",
 }
 
 

@@ -60,8 +60,9 @@ def eval_command(config_path: str | None, checkpoint_path: str | None, onnx_path
 
     With --bin, --ijb or --gallery only those sets are evaluated; with none, eval.bin_file and
     eval.ijb.root of the config. Writes test_result_<name>_<time>.txt/.json, one ROC PNG per
-    verification set and a CMC and a TPIR-vs-FPIR PNG per 1:N set into logging.log_dir, and adds
-    them to TensorBoard when logging.tensorboard is on. IJB TAR@FAR is read at the ROC point whose
+    verification set and a CMC and a TPIR-vs-FPIR PNG per 1:N set into logging.log_dir, and gives
+    them to the loggers of logging.loggers (TensorBoard by default), in the tracker run the
+    checkpoint came from when it names one. IJB TAR@FAR is read at the ROC point whose
     FPR is nearest each target (the convention of the published tables), with the FPR <= target
     value beside it. 1:N: open set per gallery (TPIR at FPIR, rank-N) and, labelled, the
     closed-set numbers of older tables; docs/identification.md states the conventions.

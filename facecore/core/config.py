@@ -435,6 +435,7 @@ def validate_config(config: dict, source: str | None = None, overrides: Iterable
     core = core_schema()
     _empty_sections(config, core)
     fill_defaults(core, config)  # core defaults first: they may name plugins (data.type, ...)
+    _apply_switches(config)
     schema, errors = compose_schema(config)
     fill_defaults(schema, config)
     errors = errors + schema_errors(schema, config)
@@ -444,6 +445,17 @@ def validate_config(config: dict, source: str | None = None, overrides: Iterable
         errors = sorted(set(errors), key=lambda e: (e.partition(": ")[0], errors.index(e)))  # by key path
         raise ConfigError(_mark_overrides(errors, overrides), source)
     return _schema_order(config, schema)
+
+
+def _apply_switches(config: dict) -> None:
+    """An older boolean key set to false leaves its component out of a ``many`` slot's list (see ``Slot.switches``)."""
+    for _, slot in slots():
+        for key, name in slot.switches.items():
+            section, value = _node(config, slot.section), _node(config, key)
+            if value is not False or not isinstance(section, dict) or not isinstance(section.get(slot.key), list):
+                continue
+            section[slot.key] = [e for e in section[slot.key]
+                                 if (e.get("name") if isinstance(e, dict) else e) != name]
 
 
 def _metric_key_errors(config: dict) -> list[str]:

@@ -33,7 +33,9 @@ class Slot:
     the plugin's options but not passed to it (``data.augment``'s ``p``). ``after`` is the key of
     the section this one follows in the effective config (None: first for ``section`` slots,
     last otherwise). ``checked`` is False where the name is checked only when the component is
-    built (``eval.ijb.dataset``: only ``facecore eval`` reads it).
+    built (``eval.ijb.dataset``: only ``facecore eval`` reads it). ``switches`` (``many`` slots):
+    older boolean keys, each of which, when false, leaves one component out of the list
+    (``logging.tensorboard: false`` drops ``tensorboard`` from ``logging.loggers``).
     """
 
     path: str
@@ -46,6 +48,7 @@ class Slot:
     role: str = ""
     after: str | None = None
     checked: bool = True
+    switches: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def section(self) -> str:
@@ -154,6 +157,15 @@ GROUP_SPECS: dict[str, GroupSpec] = {spec.name: spec for spec in (
             default=["embedding"], after="backbone",
             core_keys={"weight": {"type": "number", "minimum": 0, "default": 1.0,
                                   "description": "This term's weight (times training.distill.weight and its warm-up)."}},
+        ),),
+    ),
+    GroupSpec(
+        "loggers", "logger",
+        slots=(Slot(
+            "logging.loggers", "many",
+            "Experiment trackers that get the run's config, scalars, artifacts and end (rank 0, never blocking "
+            "training): names, or {name: ..., option: value}; [] for none. metrics.jsonl and train.log are always "
+            "written.", default=["tensorboard"], after="log_dir", switches={"logging.tensorboard": "tensorboard"},
         ),),
     ),
 )}

@@ -66,3 +66,15 @@ def register_distill_losses(register):
     gradient. Its parameters (a projection between the sizes) train with the student and are saved
     in the checkpoint.
     """
+
+
+@hookspec
+def register_loggers(register):
+    """Register experiment trackers: ``factory(**options) -> logger`` (``logging.loggers``).
+
+    Rank 0 calls the logger's methods from a thread of its own (see ``core/loggers.py``), each one optional:
+    ``start(run) -> dict | None`` (the dict, e.g. a tracker run id, is kept in checkpoints and comes back as
+    ``run.resume``), ``scalars(prefix, values, step)``, ``artifact(name, path, kind, step)`` with ``kind``
+    ``image``, ``file`` or ``checkpoint`` (a path to refer to), and ``finish(status)`` with ``finished``,
+    ``stopped`` or ``failed``. The factory should be cheap: import the tracker's package in ``start``.
+    """

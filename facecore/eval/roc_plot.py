@@ -76,14 +76,16 @@ def plot_roc(
     draw.text((8, top - 20), "true accept rate", fill=INK, font=font)
     draw.text((left + plot_w / 2 - draw.textlength(title, font=font) / 2, 8), title, fill=INK, font=font)
 
+    legend = {label: f"{label} (AUC {roc_auc(roc):.4f})" for label, roc in curves.items()}
+    x = left + plot_w - 8 - 26 - max([draw.textlength(t, font=font) for t in legend.values()], default=0)
+    x = max(float(left + 4), min(x, float(left + plot_w - 170)))  # legend in the lower right corner, as wide as its text
     for i, (label, roc) in enumerate(curves.items()):
         color = COLORS[i % len(COLORS)]
         xs, ys = to_px(roc.fpr, roc.tpr)
         draw.line(thin_polyline(xs, ys), fill=color, width=2)
-        y = top + plot_h - 18 * (len(curves) - i)  # legend in the lower right corner
-        x = left + plot_w - 170
+        y = top + plot_h - 18 * (len(curves) - i)
         draw.line([(x, y + 6), (x + 20, y + 6)], fill=color, width=3)
-        draw.text((x + 26, y), f"{label} (AUC {roc_auc(roc):.4f})", fill=INK, font=font)
+        draw.text((x + 26, y), legend[label], fill=INK, font=font)
 
     if path is not None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)

@@ -4,7 +4,8 @@ galleries (1:N), as a result object.
 ``evaluate(...)`` (``facecore.evaluate``) embeds and scores every set and returns an
 :class:`Evaluation`: per set its metrics, its ROC and where its files go. ``Evaluation.write()``
 writes the result files (``test_result_<name>_<time>.txt/.json``, one ROC PNG per verification
-set, a CMC and a TPIR-vs-FPIR PNG per identification set, TensorBoard); ``facecore eval`` is ``evaluate`` + ``write`` + printing.
+set, a CMC and a TPIR-vs-FPIR PNG per identification set) and hands them to the loggers of
+``logging.loggers``; ``facecore eval`` is ``evaluate`` + ``write`` + printing.
 
 No torch import at module level (``facecore --help`` imports the eval command).
 """
@@ -59,6 +60,9 @@ class Evaluation:
     log_dir: Path
     features: list[str] = field(default_factory=list)  # .npy files written with save_features
     runtime: str = "torch"  # what embedded: "torch", or "onnxruntime (float32|int8 ...)" for --onnx
+    trackers: Any = None  # core.loggers.Trackers of logging.loggers (None: none)
+    tracked: dict = field(default_factory=dict)  # the loggers' states stored in the checkpoint (its tracker runs)
+    run_dir: Path | None = None  # the training run the checkpoint came from (where its loggers keep files)
 
     @property
     def results(self) -> dict[str, dict[str, float]]:
@@ -101,16 +105,15 @@ class Evaluation:
         return "\n\n".join(tables)
 
     def write(self) -> list[Path]:
-        """Write the ROC PNGs, the .txt table and the .json report (and TensorBoard when logging.tensorboard)."""
+        """Write the ROC PNGs, the .txt table and the .json report, and give them to the loggers."""
         from .roc_plot import plot_roc
 
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        images = {}
         for s in self.sets:
             if s.roc is None:
                 continue
             s.plot = self.log_dir / f"roc_{self.name}_{s.name}_{self.timestamp}.png"
-            images[s.name] = plot_roc({s.name: s.roc}, s.plot, title=f"ROC of {self.name} on {s.name}")
+            plot_roc({s.name: s.roc}, s.plot, title=f"ROC of {self.name} on {s.name}")
         for s in self.sets:
             if s.identification is not None:
                 s.plots = s.identification.plot(self.log_dir, f"{self.name}_{s.name}_{self.timestamp}")
@@ -120,18 +123,28 @@ class Evaluation:
         txt, js = Path(f"{self.base}.txt"), Path(f"{self.base}.json")
         txt.write_text("\n".join([header, self.table(), ""]))
         js.write_text(json.dumps(json_safe(self.report()), indent=2) + "\n")
-        if self.config["logging"]["tensorboard"]:
-            from ..core.tensorboard import TensorBoard
-
-            board = TensorBoard(self.log_dir / "tensorboard" / self.name / f"eval_{self.timestamp}")
-            try:
-                for set_name, values in self.results.items():
-                    board.scalars(f"eval/{set_name}", values, self.step or 0)
-                for set_name, image in images.items():
-                    board.image(f"roc/{set_name}", image, self.step or 0)
-            finally:
-                board.close()
+        self.log_to_trackers(js)
         return [txt, js, *(s.plot for s in self.sets if s.plot is not None), *(p for s in self.sets for p in s.plots)]
+
+    def log_to_trackers(self, report: Path) -> None:
+        """The results, ROC plots and report to each logger, in the tracker run the checkpoint came from when
+        its checkpoint names one (a training run's ids), else in a new one; bounded by logging.logger_timeout."""
+        from ..core.loggers import RunInfo
+
+        if not self.trackers:
+            return
+        step = self.step or 0
+        run = RunInfo("eval", f"{self.name}/eval_{self.timestamp}", self.run_dir or self.log_dir, self.log_dir,
+                      self.config, step=step)
+        self.trackers.start(run, self.tracked)
+        for s in self.sets:
+            self.trackers.scalars(f"eval/{s.name}", s.metrics, step)
+            if s.plot is not None:
+                self.trackers.artifact(f"roc/{s.name}", s.plot, "image", step)
+            for plot in s.plots:  # 1:N: the CMC and TPIR-vs-FPIR curves
+                self.trackers.artifact(f"identification/{plot.stem}", plot, "image", step)
+        self.trackers.artifact("eval/result", report, "file", step)
+        self.trackers.finish("finished")
 
 
 def evaluate(
@@ -171,6 +184,7 @@ def evaluate(
     ONNX Runtime on the CPU through the same pass, with the config stored in it unless ``config``.
     """
     from ..core.build import build_metrics, pair_set_names, pair_set_paths
+    from ..core.loggers import Trackers
     from .evaluation import load_trained_backbone, resolve_device
 
     say, warn = say or _quiet, warn or _quiet
@@ -216,6 +230,8 @@ def evaluate(
         config=cfg, device=str(dev), timestamp=time.strftime("%Y%m%d-%H%M%S"),
         step=ckpt.get("step") if isinstance(ckpt, dict) and isinstance(ckpt.get("step"), int) else None,
         sets=[], log_dir=Path(cfg["logging"]["log_dir"]), runtime=runtime,
+        trackers=Trackers.from_config(cfg), run_dir=None if onnx is not None else _run_dir_of(checkpoint, ckpt),
+        tracked=dict(ckpt.get("loggers") or {}) if isinstance(ckpt, dict) else {},
     )
     if paths:
         metrics = build_metrics(cfg)
@@ -252,6 +268,14 @@ def load_onnx_model(path: str | Path, config: str | Path | None, overrides: Sequ
         raise DataError(f"{path} takes {model.img_size}x{model.img_size} images but data.img_size is "
                         f"{cfg['data']['img_size']}: set data.img_size: {model.img_size}")
     return model, cfg, {}
+
+
+def _run_dir_of(checkpoint: str | Path, ckpt: Any) -> Path | None:
+    """The training run folder a checkpoint lies in (one with its config.yaml or metrics.jsonl), else None."""
+    folder = Path(checkpoint).resolve().parent
+    if isinstance(ckpt, dict) and "optimizer" in ckpt and any((folder / f).exists() for f in ("config.yaml", "metrics.jsonl")):
+        return folder
+    return None
 
 
 def evaluate_bin(backbone: Any, config: dict, set_name: str, path: str, metrics: list, batch: int, dev: Any,

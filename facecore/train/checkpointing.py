@@ -34,6 +34,7 @@ class TrainState:
     best: float | None = None  # the best value of checkpoint.best_metric so far
     val_metrics: dict = field(default_factory=dict)
     skipped_images: int = 0
+    loggers: dict = field(default_factory=dict)  # what each logger's start() returned (tracker run ids): rank 0's
 
 
 @dataclass
@@ -113,6 +114,7 @@ class TrainingCheckpoint:
             "best_metric": {"key": best["key"], "mode": best["mode"], "value": state.best},
             "val_metrics": state.val_metrics,
             "world_size": self.info.world_size,
+            "loggers": dict(state.loggers),  # a resumed run or facecore eval continues these tracker runs
             **({"distill": self.distill.state_dict()} if self.distill is not None else {}),
         }
 
@@ -154,6 +156,7 @@ class TrainingCheckpoint:
         self.scaler.load_state_dict(ckpt["scaler"])
         state.epoch, state.batch_in_epoch, state.step = ckpt["epoch"], ckpt["batch_in_epoch"], ckpt["step"]
         state.val_metrics = ckpt["val_metrics"]
+        state.loggers = ckpt.get("loggers") or {}
         state.best = self._saved_best(ckpt, path)
         self._restore_rng(ckpt, path, state.step)
 

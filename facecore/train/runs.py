@@ -1,4 +1,4 @@
-"""Run directories and what a run writes: effective config, log file, metrics.jsonl, TensorBoard."""
+"""Run directories and what a run writes: effective config, log file, metrics.jsonl, and what the loggers get."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typing import Any
 
 from ..core.checkpoint import NUMBERED_GLOB, check_training_checkpoint, numbered_checkpoints
 from ..core.config import dump_config
-from ..core.tensorboard import TensorBoard
+from ..core.loggers import LEDGER, Record, RunInfo, Trackers
 from ..errors import CheckpointError, FacecoreError
 
 LOGGER_NAME = "facecore"
@@ -125,24 +125,78 @@ def setup_logging(log_files: list[Path], verbose: bool = True) -> logging.Logger
 
 
 class RunWriter:
-    """Everything rank 0 records about a run besides checkpoints."""
+    """Everything rank 0 records about a run besides checkpoints: config.yaml, metrics.jsonl, the loggers.
 
-    def __init__(self, run_dir: Path, tb_dir: Path | None):
+    metrics.jsonl is the run's own record, always written, one line per event; the loggers
+    (``logging.loggers``) get the same numbers through :class:`~facecore.core.loggers.Trackers`,
+    each line's number going with it so a resumed run knows what each logger already has.
+    """
+
+    def __init__(self, run_dir: Path, trackers: Trackers | None = None):
         self.run_dir = run_dir
         self.metrics_path = run_dir / "metrics.jsonl"
-        self.tb = TensorBoard(tb_dir) if tb_dir is not None else None
+        self.trackers = trackers or Trackers([])
+        self.lines = self._existing_lines()
+
+    def _existing_lines(self) -> int:
+        """Lines already in metrics.jsonl (a resumed run); a last line cut short by kill -9 is ended first."""
+        try:
+            text = self.metrics_path.read_bytes()
+        except FileNotFoundError:
+            return 0
+        if text and not text.endswith(b"\n"):
+            with self.metrics_path.open("ab") as fh:
+                fh.write(b"\n")
+            text += b"\n"
+        return text.count(b"\n")
 
     def write_config(self, config: dict) -> None:
         (self.run_dir / "config.yaml").write_text(dump_config(config))
 
+    def start_loggers(self, run: RunInfo, states: dict | None) -> dict:
+        """Start the loggers (``states``: theirs from the checkpoint being resumed); returns their states so far."""
+        history = metrics_records(self.metrics_path) if states is not None else []
+        return self.trackers.start(run, states, history, ledger=self.run_dir / LEDGER if self.trackers else None)
+
     def record(self, event: str, step: int, epoch: int, values: dict[str, Any], tb_prefix: str | None = None) -> None:
-        """One line of metrics.jsonl, and the same numbers as TensorBoard scalars."""
+        """One line of metrics.jsonl, and the same numbers to the loggers under ``tb_prefix`` (see :func:`prefix_of`)."""
         line = {"event": event, "epoch": epoch, "step": step, "time": round(time.time(), 3), **values}
         with self.metrics_path.open("a") as fh:
             fh.write(json.dumps(line, default=float) + "\n")
-        if self.tb is not None and tb_prefix is not None:
-            self.tb.scalars(tb_prefix, values, step)
+        seq, self.lines = self.lines, self.lines + 1
+        if tb_prefix is not None:
+            self.trackers.scalars(tb_prefix, values, step, seq=seq)
 
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
+    def artifact(self, name: str, path: Path, kind: str, step: int) -> None:
+        self.trackers.artifact(name, path, kind, step)
+
+    def close(self, status: str = "finished") -> None:
+        self.trackers.finish(status)
+
+
+def prefix_of(line: dict) -> str | None:
+    """The prefix the loggers get a metrics.jsonl line's numbers under: ``train``, ``val/<set>``, ``data``."""
+    event = line.get("event")
+    if event == "validation":
+        return f"val/{line.get('set')}"
+    return event if event in ("train", "data") else None
+
+
+def metrics_records(path: Path) -> list[Record]:
+    """The lines of metrics.jsonl as logger records, numbered by line (unreadable lines keep their number)."""
+    try:
+        lines = path.read_text().splitlines()
+    except FileNotFoundError:
+        return []
+    out = []
+    for seq, text in enumerate(lines):
+        try:
+            line = json.loads(text)
+        except ValueError:
+            continue
+        prefix = prefix_of(line) if isinstance(line, dict) else None
+        if prefix is None or not isinstance(line.get("step"), int):
+            continue
+        values = {k: v for k, v in line.items() if k not in ("event", "epoch", "step", "time", "set")}
+        out.append(Record(seq, prefix, values, line["step"]))
+    return out

@@ -25,9 +25,10 @@ from torch.utils.data.distributed import DistributedSampler
 
 from ..core.build import (build_backbone, build_head, build_metrics, build_pair_set, build_scheduler, build_train_dataset,
                           pair_set_names, pair_set_paths)
+from ..core.loggers import RunInfo, Trackers
 from ..core.runtime import capture_rng, decided_on_main, device_for, init_distributed, restore_rng, seed_everything
 from ..data.images import model_input
-from ..errors import DataError, TrainingError, TrainingStopped
+from ..errors import DataError, FacecoreError, PluginError, TrainingError, TrainingStopped
 from .augment import Augmenter
 from .checkpointing import TrainingCheckpoint, TrainState
 from .classifier import check_labels
@@ -97,6 +98,7 @@ class Trainer:
         self.pretrained_report = None  # what model.pretrained loaded (logged once the run directory exists)
         self.frozen: bool | None = None  # the backbone's phase (training.freeze_backbone_epochs)
         self.writer: RunWriter | None = None
+        self.trackers: Trackers | None = None  # rank 0's loggers (logging.loggers)
         self.loader: DataLoader | None = None
         self.stop_request = StopRequest()
         self.resume_notes = DeferredLog()  # what --resume skipped and why, logged once the run's log files exist
@@ -333,13 +335,25 @@ class Trainer:
             tag = f"{cfg['model']['backbone']}_{self.run_dir.name}"
             self.logger = setup_logging([self.run_dir / "train.log", log_dir / f"train_{tag}.log"], verbose=self.verbose)
             self.checkpoint.logger = self.logger
-            tb = log_dir / "tensorboard" / cfg["model"]["backbone"] / self.run_dir.name if cfg["logging"]["tensorboard"] else None
-            self.writer = RunWriter(self.run_dir, tb)
+            self.writer = RunWriter(self.run_dir, self.trackers)
             self.writer.write_config(cfg)
 
     def _save(self, name: str) -> None:
         """Write ``name`` in the run directory (every rank gathers its part; rank 0 writes)."""
+        if self.writer:
+            self.state.loggers = self.writer.trackers.known_states()
         self.checkpoint.save(self.state, self.run_dir / name)
+        if self.writer and name == "best.pth":
+            self.writer.artifact("best_checkpoint", self.run_dir / name, "checkpoint", self.state.step)
+
+    def _start_loggers(self, resumed: bool) -> None:
+        """Rank 0 starts the loggers of logging.loggers; a resumed run continues their runs (ids in the checkpoint)."""
+        if not self.writer:
+            return
+        cfg = self.config
+        run = RunInfo("train", f"{cfg['model']['backbone']}/{self.run_dir.name}", self.run_dir,
+                      Path(cfg["logging"]["log_dir"]), cfg, step=self.state.step)
+        self.state.loggers = self.writer.start_loggers(run, self.state.loggers if resumed else None)
 
     # ----------------------------------------------------------------- validation
     def validate(self) -> dict[str, dict[str, float]]:
@@ -396,6 +410,7 @@ class Trainer:
     def run(self) -> dict:
         folders = {"checkpoint.save_dir": self.config["checkpoint"]["save_dir"], "logging.log_dir": self.config["logging"]["log_dir"]}
         decided_on_main(self.info, lambda: [check_writable(path, key) for key, path in folders.items()])  # before any build
+        decided_on_main(self.info, self._build_trackers)  # a logger's missing package stops every rank before the build
         resume_path = self._resume_path()
         self._build(resume_path)
         self.stop_request.install()  # from here a stop signal finishes the step and writes last.pth
@@ -412,6 +427,7 @@ class Trainer:
             self.checkpoint.restore(resume_path, self.state)
             s = self.state
             self.logger.info("resumed from %s at epoch %d, batch %d, step %d", resume_path, s.epoch, s.batch_in_epoch, s.step)
+        self._start_loggers(resumed=resume_path is not None)
         cfg, t, s = self.config, self.config["training"], self.state
         batch, world = cfg["data"]["batch_size"], self.info.world_size
         max_steps = t["max_steps"] or math.inf
@@ -456,8 +472,18 @@ class Trainer:
                          "-" if s.best is None else f"{s.best:.4f}", self.run_dir)
         return summary
 
-    def close(self, finished: bool = True) -> None:
-        """Release the DataLoader workers, the TensorBoard writer and the process group this trainer joined.
+    def _build_trackers(self) -> None:
+        """The loggers (rank 0 only; no other rank logs). A plugin's own failure becomes a PluginError, which
+        decided_on_main hands every rank."""
+        try:
+            self.trackers = Trackers.from_config(self.config)
+        except FacecoreError:
+            raise
+        except Exception as exc:
+            raise PluginError(f"logging.loggers: a logger could not be made ({type(exc).__name__}: {exc})") from None
+
+    def close(self, finished: bool = True, status: str | None = None) -> None:
+        """Release the DataLoader workers, the loggers (told ``status``) and the process group this trainer joined.
 
         A process group left alive at exit is destroyed by the interpreter's teardown while gloo's
         worker threads still hold work objects with tensors in them; freeing those then needs the GIL
@@ -476,7 +502,7 @@ class Trainer:
             shutdown()
         self.loader = None
         if self.writer is not None:
-            self.writer.close()
+            self.writer.close(status or ("finished" if finished else "failed"))
             self.writer = None
         # The DDP wrappers hold the process group and sit in reference cycles: drop them and collect
         # now, so nothing keeps the group's C++ threads alive into the interpreter's teardown.
@@ -708,13 +734,13 @@ def train(config: dict, resume: str | bool | None = None, verbose: bool = True) 
     """Train from an effective config; see :class:`Trainer`. Everything the run holds is released on
     the way out, whether it finished or failed."""
     trainer = Trainer(config, resume=resume, verbose=verbose)
-    finished = False
+    finished, status = False, "failed"
     try:
         summary = trainer.run()
-        finished = True
+        finished, status = True, "finished"
         return summary
     except TrainingStopped:
-        finished = True  # every rank stopped after the same step: a clean teardown
+        finished, status = True, "stopped"  # every rank stopped after the same step: a clean teardown
         raise
     finally:
-        trainer.close(finished)
+        trainer.close(finished, status)
