@@ -18,7 +18,7 @@ from facecore.core.groups import GroupSpec, Slot, group_names
 
 
 class DetectorSpec:
-    """The eighth group's hookspec, as it would sit in core/hookspecs.py."""
+    """A new group's hookspec, as it would sit in core/hookspecs.py."""
 
     @staticmethod
     @hookspecs.hookspec
@@ -46,7 +46,7 @@ class DetectorPlugin:
 
 
 @pytest.fixture
-def eighth_group(monkeypatch):
+def new_group(monkeypatch):
     """The table with a detectors entry and a plugin manager that knows its hook, for this test only."""
     plugins.reset()  # entry-point plugins leave the suite's manager; they load again into the test's
     manager = pluggy.PluginManager("facecore")
@@ -69,10 +69,10 @@ CONFIG = {"model": {"backbone": "resnet18", "embedding_size": 8}, "data": {"type
 def test_every_group_has_its_hook_and_every_hook_its_group():
     specs = {name for name in dir(hookspecs) if name.startswith("register_")}
     assert specs == {groups.group_spec(g).hook for g in group_names()}
-    assert len(group_names()) == 7
+    assert len(group_names()) == 8
 
 
-def test_an_eighth_group_is_one_table_entry_plus_its_hookspec(eighth_group):
+def test_a_new_group_is_one_table_entry_plus_its_hookspec(new_group):
     assert "detectors" in group_names() and facecore.available("detectors") == ["t-box"]
 
     listed = CliRunner().invoke(cli.main, ["list-plugins", "--json"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import random
 from dataclasses import dataclass
@@ -170,3 +171,12 @@ def device_for(info: DistInfo, device_name: str) -> Any:
     if device.type == "cuda" and info.enabled:
         return torch.device("cuda", info.local_rank)
     return device
+
+
+def collect_before_fork() -> None:
+    """Collect cyclic garbage here before worker processes are forked from this process.
+
+    A forked child that inherits garbage may destroy it, and some native objects cannot be
+    destroyed there: an ONNX Runtime session left in a reference cycle deadlocks a forked worker
+    whose garbage collector frees it (its thread pool does not exist in the child)."""
+    gc.collect()

@@ -26,6 +26,7 @@ from typing import Iterable, Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from ..core.runtime import collect_before_fork
 from ..errors import ConfigError, DataError
 
 GENERATOR_VERSION = 1
@@ -504,6 +505,7 @@ def generate_identity_folder(out_dir: str | os.PathLike, identities: int, images
         workers = min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1, 8)
     if workers <= 1 or identities < 8:
         return sum(_progress(map(_write_identity, jobs), len(jobs), "identities", progress))
+    collect_before_fork()
     with ProcessPoolExecutor(workers) as pool:
         return sum(_progress(pool.map(_write_identity, jobs, chunksize=4), len(jobs), "identities", progress))
 

@@ -175,6 +175,8 @@ def embedding_batches(
     source = f"the {what} '{getattr(dataset, 'name', None) or type(dataset).__name__}'"
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         pin_memory=device.type == "cuda")
+    if num_workers > 0:
+        runtime.collect_before_fork()
     module = backbone if isinstance(backbone, torch.nn.Module) else None
     was_training = module is not None and module.training
     if module is not None:

@@ -26,7 +26,7 @@ from torch.utils.data.distributed import DistributedSampler
 from ..core.build import (build_backbone, build_head, build_metrics, build_pair_set, build_scheduler, build_train_dataset,
                           pair_set_names, pair_set_paths)
 from ..core.loggers import RunInfo, Trackers
-from ..core.runtime import capture_rng, decided_on_main, device_for, init_distributed, restore_rng, seed_everything
+from ..core.runtime import capture_rng, collect_before_fork, decided_on_main, device_for, init_distributed, restore_rng, seed_everything
 from ..data.images import model_input
 from ..errors import DataError, FacecoreError, PluginError, TrainingError, TrainingStopped
 from .augment import Augmenter
@@ -139,6 +139,8 @@ class Trainer:
                 f"({len(self.dataset)} images): lower data.batch_size"
             )
         workers = cfg["data"]["num_workers"]
+        if workers > 0:
+            collect_before_fork()
         self.loader = DataLoader(
             self.dataset,
             batch_size=batch,
