@@ -14,7 +14,6 @@ SQLAlchemy for the SQLite store); it is imported when the run starts.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import time
@@ -24,6 +23,8 @@ from typing import Any, Mapping
 
 from facecore import hookimpl
 from facecore.errors import ConfigError
+
+from facecore_plugins.tracker_support import installed
 
 INSTALL_HINT = "pip install 'facecore[mlflow]'"
 NEEDS = ("mlflow", "sqlalchemy", "alembic")  # mlflow-skinny leaves the SQL store's packages out
@@ -76,7 +77,7 @@ class MlflowLogger:
 
     def __init__(self, tracking_uri: str | None = None, experiment: str = "facecore", run_name: str | None = None,
                  tags: Mapping[str, str] = MappingProxyType({})):
-        missing = [name for name in NEEDS if not _installed(name)]
+        missing = [name for name in NEEDS if not installed(name)]
         if missing:
             raise ConfigError([f"logging.loggers: logger 'mlflow' needs {', '.join(missing)}, which "
                                f"{'is' if len(missing) == 1 else 'are'} not installed; install with: {INSTALL_HINT}"])
@@ -149,13 +150,6 @@ class MlflowLogger:
             return
         if self.owns_status:
             self.client.set_terminated(self.run_id, status=STATUS[status])
-
-
-def _installed(name: str) -> bool:
-    try:
-        return importlib.util.find_spec(name) is not None
-    except (ImportError, ValueError):
-        return False
 
 
 @hookimpl

@@ -14,7 +14,6 @@ wandb is an optional dependency (``pip install 'facecore[wandb]'``); it is impor
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import struct
 from pathlib import Path
@@ -22,6 +21,8 @@ from typing import Any, Iterator
 
 from facecore import hookimpl
 from facecore.errors import ConfigError
+
+from facecore_plugins.tracker_support import installed
 
 INSTALL_HINT = "pip install 'facecore[wandb]'"
 EXIT_CODES = {"finished": 0, "stopped": 75, "failed": 1}  # facecore's exit statuses
@@ -52,7 +53,7 @@ class WandbLogger:
 
     def __init__(self, project: str = "facecore", entity: str | None = None, mode: str = "online",
                  run_name: str | None = None, run_group: str | None = None, tags: tuple[str, ...] = ()):
-        if not _installed("wandb"):
+        if not installed("wandb"):
             raise ConfigError([f"logging.loggers: logger 'wandb' needs wandb, which is not installed; "
                                f"install with: {INSTALL_HINT}"])
         self.options = {"project": project, "entity": entity, "mode": mode, "name": run_name, "group": run_group,
@@ -140,13 +141,6 @@ def read_run_file(path: Path) -> Iterator[tuple[str, dict]]:
         items = {"history": record.history.item, "summary": record.summary.update,
                  "run": record.run.config.update}.get(which, [])
         yield which, {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in items}
-
-
-def _installed(name: str) -> bool:
-    try:
-        return importlib.util.find_spec(name) is not None
-    except (ImportError, ValueError):
-        return False
 
 
 @hookimpl

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from ..errors import DataError
-from .pixels import SCALE, resize_rgb
+from .pixels import SCALE, read_image_file, resize_rgb
 from .pixels import pil_to_rgb_array as _pil_to_rgb_array
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
@@ -174,13 +174,7 @@ def load_image(x: Any, img_size: int = 112) -> torch.Tensor:
     if isinstance(x, (str, os.PathLike)):
         what = str(x)
         try:
-            data = Path(x).read_bytes()
-        except FileNotFoundError:
-            raise DataError(f"image file not found: {x}") from None
-        except OSError as exc:
-            raise DataError(f"cannot read image file {x}: {exc.strerror}") from None
-        try:
-            chw = decode_chw(data)
+            chw = decode_chw(read_image_file(x))
         except BadImageError as exc:
             raise DataError(f"{x}: {exc}") from None
     elif isinstance(x, (bytes, bytearray, memoryview)):

@@ -59,6 +59,16 @@ def resize_rgb(image: np.ndarray, img_size: int) -> np.ndarray:
     return np.asarray(Image.fromarray(image).resize((img_size, img_size), Image.BILINEAR))
 
 
+def read_image_file(path: str | os.PathLike) -> bytes:
+    """The bytes of an image file; DataError naming it when it is missing or unreadable."""
+    try:
+        return Path(path).read_bytes()
+    except FileNotFoundError:
+        raise DataError(f"image file not found: {path}") from None
+    except OSError as exc:
+        raise DataError(f"cannot read image file {path}: {exc.strerror}") from None
+
+
 def rgb_array(x: Any, img_size: int) -> np.ndarray:
     """One image for inference -> (img_size, img_size, 3) uint8 RGB; other sizes are resized with a warning.
 
@@ -68,13 +78,7 @@ def rgb_array(x: Any, img_size: int) -> np.ndarray:
     what = "image"
     if isinstance(x, (str, os.PathLike)):
         what = str(x)
-        try:
-            data = Path(x).read_bytes()
-        except FileNotFoundError:
-            raise DataError(f"image file not found: {x}") from None
-        except OSError as exc:
-            raise DataError(f"cannot read image file {x}: {exc.strerror}") from None
-        arr = decode_rgb(data, what)
+        arr = decode_rgb(read_image_file(x), what)
     elif isinstance(x, (bytes, bytearray, memoryview)):
         arr = decode_rgb(x)
     elif isinstance(x, np.ndarray):
