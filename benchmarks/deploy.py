@@ -34,7 +34,7 @@ import torch
 
 import facecore
 from facecore.eval.export import export_onnx
-from facecore.eval.onnx_runtime import OnnxModel
+from facecore.eval.onnx_runtime import OnnxModel, metadata
 from facecore.eval.quantize import calibration_images, op_counts, quantize_int8
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -171,9 +171,9 @@ def accuracy_table(args: argparse.Namespace) -> None:
           f"int8 calibrated on {label}; {load()}")
     embeddings, seconds = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
-        export_onnx(backbone, Path(tmp) / "fp32.onnx")
+        export_onnx(backbone, Path(tmp) / "fp32.onnx", metadata=metadata(config))
         _, report = export_int8(backbone, Path(tmp) / "int8.onnx", images, label,
-                                img_size=config["data"]["img_size"])
+                                img_size=config["data"]["img_size"], metadata=metadata(config, quantized="int8"))
         print("  " + "\n  ".join(report.lines()[1:]))
         models = {"torch fp32": backbone, "ORT fp32": OnnxModel(Path(tmp) / "fp32.onnx", threads=args.threads),
                   "ORT int8": OnnxModel(Path(tmp) / "int8.onnx", threads=args.threads)}
