@@ -484,8 +484,9 @@ class Trainer:
         except Exception as exc:
             raise PluginError(f"logging.loggers: a logger could not be made ({type(exc).__name__}: {exc})") from None
 
-    def close(self, finished: bool = True, status: str | None = None) -> None:
-        """Release the DataLoader workers, the loggers (told ``status``) and the process group this trainer joined.
+    def close(self, status: str = "finished") -> None:
+        """Release the DataLoader workers, the loggers (told ``status``: finished, stopped or failed) and the
+        process group this trainer joined.
 
         A process group left alive at exit is destroyed by the interpreter's teardown while gloo's
         worker threads still hold work objects with tensors in them; freeing those then needs the GIL
@@ -504,7 +505,7 @@ class Trainer:
             shutdown()
         self.loader = None
         if self.writer is not None:
-            self.writer.close(status or ("finished" if finished else "failed"))
+            self.writer.close(status)
             self.writer = None
         # The DDP wrappers hold the process group and sit in reference cycles: drop them and collect
         # now, so nothing keeps the group's C++ threads alive into the interpreter's teardown.
@@ -512,7 +513,7 @@ class Trainer:
         gc.collect()
         if not (self.owns_group and self.info.enabled and dist.is_initialized()):
             return
-        if finished:
+        if status != "failed":  # every rank ended after the same step
             dist.barrier()
         elif dist.get_backend() == "nccl":
             return
@@ -736,13 +737,13 @@ def train(config: dict, resume: str | bool | None = None, verbose: bool = True) 
     """Train from an effective config; see :class:`Trainer`. Everything the run holds is released on
     the way out, whether it finished or failed."""
     trainer = Trainer(config, resume=resume, verbose=verbose)
-    finished, status = False, "failed"
+    status = "failed"
     try:
         summary = trainer.run()
-        finished, status = True, "finished"
+        status = "finished"
         return summary
     except TrainingStopped:
-        finished, status = True, "stopped"  # every rank stopped after the same step: a clean teardown
+        status = "stopped"  # every rank stopped after the same step: a clean teardown
         raise
     finally:
-        trainer.close(finished, status)
+        trainer.close(status)
