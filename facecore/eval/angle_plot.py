@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from .roc_plot import COLORS, GRID, INK
+from .roc_plot import COLORS, GRID, INK, new_canvas, save_png
 
 KEPT, DROPPED = COLORS[0], COLORS[1]
 
@@ -37,7 +37,6 @@ def plot_angle_histogram(
     Images with an angle above ``threshold`` are the dropped ones; a bin is red when its centre is
     above the threshold. Returns the PIL image.
     """
-    from PIL import Image, ImageDraw, ImageFont
 
     angles = np.asarray(angles, dtype=np.float64)
     edges = np.arange(0.0, 180.0 + bin_width / 2, bin_width)
@@ -48,9 +47,7 @@ def plot_angle_histogram(
     highest = max(int(counts.max()), 1)
     step = _nice_step(highest)
     y_max = step * math.ceil(highest * 1.08 / step)  # headroom above the highest bar
-    img = Image.new("RGB", size, "white")
-    draw = ImageDraw.Draw(img)
-    font = ImageFont.load_default()
+    img, draw, font = new_canvas(size)
 
     def x_px(deg: float) -> float:
         return left + deg / 180.0 * plot_w
@@ -92,6 +89,4 @@ def plot_angle_histogram(
     draw.text((left + plot_w / 2 - 40, height - 20), "angle (degrees)", fill=INK, font=font)
     draw.text((8, top - 18), "images", fill=INK, font=font)
     draw.text((left + plot_w / 2 - draw.textlength(title, font=font) / 2, 10), title, fill=INK, font=font)
-    if path is not None:
-        img.save(path, format="PNG")
-    return img
+    return save_png(img, path)

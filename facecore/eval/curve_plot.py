@@ -6,7 +6,7 @@ import math
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from .roc_plot import COLORS, GRID, INK
+from .roc_plot import COLORS, GRID, INK, label_axes, new_canvas, save_png
 
 
 def nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
@@ -29,13 +29,9 @@ def plot_curves(
     size: tuple[int, int] = (720, 480),
 ) -> Any:
     """Draw ``{label: (xs, ys)}`` as lines with dots on linear axes; save as PNG when ``path`` is given."""
-    from PIL import Image, ImageDraw, ImageFont
-
     width, height = size
     left, right, top, bottom = 60, 20, 30, 50
-    img = Image.new("RGB", size, "white")
-    draw = ImageDraw.Draw(img)
-    font = ImageFont.load_default()
+    img, draw, font = new_canvas(size)
     xs_all = [float(x) for xs, _ in curves.values() for x in xs]
     ys_all = [float(y) for _, ys in curves.values() for y in ys if math.isfinite(float(y))]
     x_ticks = nice_ticks(0.0, max(xs_all, default=1.0))
@@ -57,9 +53,7 @@ def plot_curves(
         label = f"{t:.4g}"
         draw.text((left - 6 - draw.textlength(label, font=font), y - 6), label, fill=INK, font=font)
     draw.rectangle([left, top, left + plot_w, top + plot_h], outline=INK)
-    draw.text((left + plot_w / 2 - draw.textlength(x_label, font=font) / 2, height - 20), x_label, fill=INK, font=font)
-    draw.text((8, top - 20), y_label, fill=INK, font=font)
-    draw.text((left + plot_w / 2 - draw.textlength(title, font=font) / 2, 8), title, fill=INK, font=font)
+    label_axes(draw, font, left, top, plot_w, height, title, x_label, y_label)
 
     for i, (label, (xs, ys)) in enumerate(curves.items()):
         color = COLORS[i % len(COLORS)]
@@ -73,10 +67,7 @@ def plot_curves(
         draw.line([(x, y + 6), (x + 20, y + 6)], fill=color, width=3)
         draw.text((x + 26, y), label, fill=INK, font=font)
 
-    if path is not None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        img.save(path, format="PNG")
-    return img
+    return save_png(img, path)
 
 
 __all__ = ["nice_ticks", "plot_curves"]

@@ -12,27 +12,20 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from .roc_plot import COLORS, GRID, INK, thin_polyline
+from .roc_plot import COLORS, GRID, INK, label_axes, new_canvas, save_png, thin_polyline
 
 SIZE = (640, 480)
 LEFT, RIGHT, TOP, BOTTOM = 60, 20, 30, 50
 
 
 def _canvas(title: str, x_label: str, y_label: str) -> tuple[Any, Any, Any, int, int]:
-    from PIL import Image, ImageDraw, ImageFont
-
-    img = Image.new("RGB", SIZE, "white")
-    draw = ImageDraw.Draw(img)
-    font = ImageFont.load_default()
+    img, draw, font = new_canvas(SIZE)
     plot_w, plot_h = SIZE[0] - LEFT - RIGHT, SIZE[1] - TOP - BOTTOM
     for k in range(11):  # horizontal grid every 0.1
         y = TOP + (1 - k / 10) * plot_h
         draw.line([(LEFT, y), (LEFT + plot_w, y)], fill=GRID)
         draw.text((LEFT - 30, y - 6), f"{k / 10:.1f}", fill=INK, font=font)
-    draw.text((LEFT + plot_w / 2 - draw.textlength(x_label, font=font) / 2, SIZE[1] - 20), x_label, fill=INK,
-              font=font)
-    draw.text((8, TOP - 20), y_label, fill=INK, font=font)
-    draw.text((LEFT + plot_w / 2 - draw.textlength(title, font=font) / 2, 8), title, fill=INK, font=font)
+    label_axes(draw, font, LEFT, TOP, plot_w, SIZE[1], title, x_label, y_label)
     return img, draw, font, plot_w, plot_h
 
 
@@ -49,10 +42,7 @@ def _finish(img: Any, draw: Any, font: Any, plot_w: int, plot_h: int, curves: li
         x = LEFT + plot_w - 200
         draw.line([(x, y + 6), (x + 20, y + 6)], fill=color, width=3)
         draw.text((x + 26, y), label, fill=INK, font=font)
-    if path is not None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        img.save(path, format="PNG")
-    return img
+    return save_png(img, path)
 
 
 def plot_cmc(curves: Mapping[str, np.ndarray], path: str | Path | None = None, title: str = "CMC") -> Any:

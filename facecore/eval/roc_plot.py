@@ -20,6 +20,30 @@ GRID = (225, 225, 225)
 INK = (40, 40, 40)
 
 
+def new_canvas(size: tuple[int, int]) -> tuple[Any, Any, Any]:
+    """A white RGB image of ``size`` with its drawing context and the default font: every chart starts here."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    img = Image.new("RGB", size, "white")
+    return img, ImageDraw.Draw(img), ImageFont.load_default()
+
+
+def label_axes(draw: Any, font: Any, left: int, top: int, plot_w: int, height: int, title: str, x_label: str,
+               y_label: str) -> None:
+    """The centred title above the plot, the x label centred under it and the y label at its top left."""
+    draw.text((left + plot_w / 2 - draw.textlength(x_label, font=font) / 2, height - 20), x_label, fill=INK, font=font)
+    draw.text((8, top - 20), y_label, fill=INK, font=font)
+    draw.text((left + plot_w / 2 - draw.textlength(title, font=font) / 2, 8), title, fill=INK, font=font)
+
+
+def save_png(img: Any, path: str | Path | None) -> Any:
+    """Write ``img`` as PNG at ``path`` (its folder made) when a path is given; return the image."""
+    if path is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        img.save(path, format="PNG")
+    return img
+
+
 def fpr_floor(curves: Mapping[str, RocCurve]) -> float:
     """Left end of the log FPR axis: the decade of the finest FPR step of any curve, 1e-6 at the deepest."""
     finest = 1.0
@@ -46,13 +70,9 @@ def plot_roc(
     size: tuple[int, int] = (640, 480),
 ) -> Any:
     """Draw ``{label: RocCurve}`` on one chart; save it as PNG when ``path`` is given; return the PIL image."""
-    from PIL import Image, ImageDraw, ImageFont
-
     width, height = size
     left, right, top, bottom = 60, 20, 30, 50
-    img = Image.new("RGB", size, "white")
-    draw = ImageDraw.Draw(img)
-    font = ImageFont.load_default()
+    img, draw, font = new_canvas(size)
     lo = fpr_floor(curves)
     decades = round(-math.log10(lo))
     plot_w, plot_h = width - left - right, height - top - bottom
@@ -86,11 +106,7 @@ def plot_roc(
         y = top + plot_h - 18 * (len(curves) - i)
         draw.line([(x, y + 6), (x + 20, y + 6)], fill=color, width=3)
         draw.text((x + 26, y), legend[label], fill=INK, font=font)
-
-    if path is not None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        img.save(path, format="PNG")
-    return img
+    return save_png(img, path)
 
 
-__all__ = ["fpr_floor", "plot_roc", "thin_polyline"]
+__all__ = ["fpr_floor", "label_axes", "new_canvas", "plot_roc", "save_png", "thin_polyline"]
