@@ -103,7 +103,7 @@ def main() -> None:
 
     print(f"\n1. subcenter_arcface k {args.k}, s {args.scale:g}, m {args.margin:g} on the noisy set, "
           f"{args.epochs} epochs:", flush=True)
-    head = [f"head.type=subcenter_arcface", f"head.k={args.k}", f"head.scale={args.scale}", f"head.margin={args.margin}"]
+    head = ["head.type=subcenter_arcface", f"head.k={args.k}", f"head.scale={args.scale}", f"head.margin={args.margin}"]
     ckpt, sub_acc, _ = trained(recipe(train_root, test_bin, args.out / "subcenter", args.epochs, args.seed, head),
                                "subcenter_arcface, noisy set")
 

@@ -184,8 +184,8 @@ def accuracy_table(args: argparse.Namespace) -> None:
             embeddings[name] = l2_normalize(plain + mirrored)
     metrics = build_metrics(config)
     correct = {name: fold_correct(e, issame) for name, e in embeddings.items()}
-    print(f"\n| path | accuracy (10-fold) | paired difference to torch fp32 (± SE) | pairs that differ | "
-          f"embedding pass (s) |")
+    print("\n| path | accuracy (10-fold) | paired difference to torch fp32 (± SE) | pairs that differ | "
+          "embedding pass (s) |")
     print("|---|---|---|---|---|")
     for name, e in embeddings.items():
         reported = evaluate_embeddings(e, None, issame, metrics)["accuracy"]

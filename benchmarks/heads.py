@@ -47,7 +47,7 @@ from facecore.core.build import build_backbone, build_head
 from facecore.core.config import apply_overrides, read_yaml, validate_config
 from facecore.data.degrade import degrade_folder
 from facecore.data.packing import pack_bin
-from facecore.data.synthetic import TEST_STREAM, generate_identity_folder, write_pairs
+from facecore.data.synthetic import generate_identity_folder, write_pairs
 from facecore.train.classifier import MarginClassifier
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -18,10 +18,14 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..errors import DataError
+
+if TYPE_CHECKING:
+    from .identification_report import IdentificationResult
 
 GALLERIES = {"IJBC": ("G1", "G2"), "IJBB": ("S1", "S2")}
 PROTOCOLS = ("auto", "1:1", "1:N", "both")
